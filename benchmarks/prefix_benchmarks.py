@@ -64,10 +64,10 @@ def train_variant(variant: str) -> dict:
         from prefixtuning.backbone import Backbone
         from prefixtuning.model import PrefixTuningModel
         from prefixtuning.prefixes import build_prefix
-        from prefixtuning.tiny import build_tiny
+        from prefixtuning.local_backbones import build_local
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(build_tiny("gpt2"))
+        tok = AutoTokenizer.from_pretrained(build_local("tiny-gpt2"))
         bb = Backbone(model, tok, "gpt2-small-random")
         prefix = build_prefix({"kind": "static", "length": 10}, bb.geometry)
         net = PrefixTuningModel(bb, prefix).train()
@@ -129,10 +129,10 @@ def bench_train() -> dict:
 
 def _backbone():
     from prefixtuning.backbone import Backbone
-    from prefixtuning.tiny import build_tiny
+    from prefixtuning.local_backbones import build_local
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(build_tiny("gpt2"))
+    tok = AutoTokenizer.from_pretrained(build_local("tiny-gpt2"))
     return Backbone(gpt2_small().eval(), tok, "gpt2-small-random")
 
 

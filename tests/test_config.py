@@ -21,7 +21,9 @@ def options(group):
 
 
 TINY = [b for b in options("backbone") if b.startswith("tiny-")]
-HUB = [b for b in options("backbone") if not b.startswith("tiny-")]
+# hub ids with no offline substitute: offline, these must fail at once
+HUB = [b for b in options("backbone") if not b.startswith("tiny-")
+       and not OmegaConf.load(CONF / "backbone" / f"{b}.yaml").get("offline_substitute")]
 
 
 def test_groups_are_the_documented_ones():
@@ -29,7 +31,8 @@ def test_groups_are_the_documented_ones():
     assert {"random", "task_words", "irrelevant_words"} <= set(options("init"))
     assert {"default", "cpu", "gpu", "ddp"} <= set(options("trainer"))
     assert {"csv", "wandb"} <= set(options("logger"))
-    assert {"tiny-gpt2", "tiny-bart", "tiny-llama", "gpt2", "gpt2-medium", "gpt2-large", "bart-large"} <= set(
+    assert {"tiny-gpt2", "tiny-bart", "tiny-llama", "gpt2", "gpt2-medium", "gpt2-large", "bart-large",
+            "smollm2-135m"} <= set(
         options("backbone"))
 
 

@@ -13,3 +13,12 @@ def _lowres_steps(size) -> int:
 
 if not OmegaConf.has_resolver("lowres_steps"):
     OmegaConf.register_new_resolver("lowres_steps", _lowres_steps)
+
+
+def _cache_dir() -> str:
+    from .local_backbones import default_cache_dir
+    return str(default_cache_dir())
+
+
+if not OmegaConf.has_resolver("prefixtuning_cache_dir"):
+    OmegaConf.register_new_resolver("prefixtuning_cache_dir", _cache_dir)

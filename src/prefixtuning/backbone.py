@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .injection import PrefixInjector
-from .tiny import TINY_FAMILIES, build_tiny
+from .local_backbones import BackboneLoadError, build_local, is_local_backbone
 
 # Config attributes that hold dropout probabilities in the families we support.
 _DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout",
@@ -67,16 +67,14 @@ class Geometry:
         return cls(config.model_type, bool(config.is_encoder_decoder), hidden, int(max_pos), sites)
 
 
-class BackboneLoadError(RuntimeError):
-    pass
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-def resolve_backbone_path(name_or_path: str, tiny: str | None = None, cache_dir: str | None = None) -> str:
-    """Hub id or local directory to pass to `from_pretrained`; builds the tiny model first if asked."""
-    if tiny:
-        if tiny not in TINY_FAMILIES:
-            raise ValueError(f"backbone.tiny={tiny!r} is not one of {', '.join(TINY_FAMILIES)}")
-        return str(build_tiny(tiny, cache_dir=cache_dir))
+def resolve_backbone_path(name_or_path: str, cache_dir: str | None = None) -> str:
+    """What to pass to `from_pretrained`: a local backbone's built folder, else the hub id or directory."""
+    if is_local_backbone(name_or_path):
+        return str(build_local(name_or_path, cache_dir))
     return name_or_path
 
 
@@ -84,12 +82,11 @@ def _load_error(name: str, err: Exception) -> BackboneLoadError:
     local = Path(name).exists()
     if local:
         return BackboneLoadError(f"could not load backbone from local directory {name!r}: {err}")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     why = ("the Hugging Face hub is switched off here (HF_HUB_OFFLINE=1) and the model is not in the local cache"
-           if offline else "it is not a local directory and could not be fetched from the Hugging Face hub")
+           if hub_offline() else "it is not a local directory and could not be fetched from the Hugging Face hub")
     return BackboneLoadError(
         f"could not load backbone {name!r}: {why}. Use a local directory, pre-download the model with "
-        f"network access, or pick an offline backbone such as backbone=tiny-gpt2.")
+        f"network access, or pick an offline backbone such as backbone=smollm2-135m or backbone=tiny-gpt2.")
 
 
 class Backbone(nn.Module):
@@ -110,17 +107,34 @@ class Backbone(nn.Module):
         return self.geometry.is_encoder_decoder
 
     @classmethod
-    def load(cls, name_or_path: str, *, tiny: str | None = None, cache_dir: str | None = None,
-             dtype: str = "float32", dropout: float | None = None, gradient_checkpointing: bool = False,
-             id: str | None = None) -> "Backbone":
+    def load(cls, name_or_path: str, *, offline_substitute: str | None = None, cache_dir: str | None = None,
+             dtype: str = "float32", dropout: float | None = None, gradient_checkpointing: bool = False
+             ) -> "Backbone":
+        """Load `name_or_path` (a hub id, a local directory, or a local backbone such as `tiny-gpt2`) frozen.
+
+        offline_substitute: a local backbone used instead when a hub id cannot be loaded (no network, not in
+        the local Hugging Face cache). The backbone's `name` is then the substitute's, so checkpoints,
+        exports and reports name the weights that were really used."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-        path = resolve_backbone_path(name_or_path, tiny, cache_dir)
+        path = resolve_backbone_path(name_or_path, cache_dir)
         try:
-            config = AutoConfig.from_pretrained(path)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as err:
-            raise _load_error(path, err) from err
+            try:
+                config = AutoConfig.from_pretrained(path)
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError) as err:
+                raise _load_error(path, err) from err
+        except BackboneLoadError as err:
+            if not offline_substitute or Path(name_or_path).exists() or is_local_backbone(name_or_path):
+                raise
+            print(f"[backbone] {name_or_path} is not available here ({'HF_HUB_OFFLINE=1 and ' if hub_offline() else ''}"
+                  f"not in the local Hugging Face cache); using its offline substitute {offline_substitute} "
+                  f"instead. Results are for {offline_substitute}, not {name_or_path}.", flush=True)
+            if not is_local_backbone(offline_substitute):
+                raise BackboneLoadError(f"backbone.offline_substitute={offline_substitute!r} is not a local "
+                                        f"backbone") from err
+            return cls.load(offline_substitute, cache_dir=cache_dir, dtype=dtype, dropout=dropout,
+                            gradient_checkpointing=gradient_checkpointing)
         if dropout is not None:
             for f in _DROPOUT_FIELDS:
                 if hasattr(config, f):
@@ -134,7 +148,7 @@ class Backbone(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return cls(model, tokenizer, id or (f"tiny-{tiny}" if tiny else name_or_path))
+        return cls(model, tokenizer, name_or_path)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

@@ -34,8 +34,16 @@ def reference_loss(model, loader) -> dict:
     return {"loss": mean, "perplexity": math.exp(mean), "tokens": tokens}
 
 
+def print_examples(groups, hyps: list[str], n: int, split: str) -> None:
+    """The first `n` inputs of a split beside their predictions (and the first reference), for a person."""
+    for i, (g, h) in enumerate(zip(groups[:n], hyps[:n])):
+        print(f"[{split} {i}] input:      {g.source}\n[{split} {i}] prediction: {h}\n"
+              f"[{split} {i}] reference:  {g.references[0] if g.references else ''}", flush=True)
+
+
 def evaluate_model(model, dm: PrefixDataModule, split: str, decoding_cfg, out_dir: str | Path,
-                   batch_size: int = 16, progress: bool = True, max_inputs: int | None = None) -> dict:
+                   batch_size: int = 16, progress: bool = True, max_inputs: int | None = None,
+                   show_examples: int = 0) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = dm.eval_groups(split)
@@ -45,6 +53,7 @@ def evaluate_model(model, dm: PrefixDataModule, split: str, decoding_cfg, out_di
     hyps = decode(model, prompts, decoding_cfg, batch_size=batch_size, progress=progress, desc=f"decoding {split}")
     hyps = [" ".join(h.split("\n")) for h in hyps]  # one output per line, whatever the decoder produced
     (out_dir / f"predictions_{split}.txt").write_text("\n".join(hyps) + "\n", encoding="utf-8")
+    print_examples(groups, hyps, show_examples, split)
     dm.dataset.write_references(groups, out_dir / f"references_{split}.txt")
     result = dm.dataset.score(groups, hyps)
     metrics = {"split": split, "inputs": len(groups), **result["scores"]}
@@ -75,7 +84,8 @@ def evaluate(cfg) -> dict:
                                          shuffle=False, collate_fn=dm.collate)
     metrics = {"checkpoint": str(cfg.ckpt)}
     metrics.update(evaluate_model(model, dm, cfg.split, cfg.decoding, out, batch_size=cfg.decoding.batch_size,
-                                  progress=cfg.get("progress", True), max_inputs=cfg.get("max_inputs")))
+                                  progress=cfg.get("progress", True), max_inputs=cfg.get("max_inputs"),
+                                  show_examples=cfg.get("show_examples", 3)))
     metrics.update({f"reference_{k}": v for k, v in reference_loss(model, loader).items()})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"[eval] {out}\n" + format_table(metrics), flush=True)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .backbone import Backbone
+from .local_backbones import HUB_SUBSTITUTES
 from .data.features import Featurizer
 from .decoding import pad_prompts
 from .export import ExportError, load_prefix
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m prefixtuning.serving",
                                  description="Serve requests for many prefixes on one frozen backbone.")
-    ap.add_argument("--backbone", required=True, help="hub id or local directory (tiny-gpt2 etc. for tiny models)")
+    ap.add_argument("--backbone", required=True, help="hub id, local directory or local backbone (smollm2-135m-instruct-q4_1, tiny-gpt2, ...)")
     ap.add_argument("--prefix", action="append", default=[], metavar="NAME=DIR", help="an exported prefix")
     ap.add_argument("--input", required=True, help="JSON lines {'prefix': name, 'input': text}")
     ap.add_argument("--output", required=True)
@@ -214,8 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
-    tiny = args.backbone.removeprefix("tiny-") if args.backbone.startswith("tiny-") else None
-    bank = PrefixBank(Backbone.load(args.backbone, tiny=tiny))
+    bank = PrefixBank(Backbone.load(args.backbone, offline_substitute=HUB_SUBSTITUTES.get(args.backbone)))
     for spec in args.prefix:
         name, _, path = spec.partition("=")
         try:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import time
 from pathlib import Path
 
 import torch
+
+from .local_backbones import default_cache_dir, publish_dir
 
 TINY_FAMILIES = ("gpt2", "bart", "llama")
 # Bump when the recipe below changes, so cached builds are not reused across recipes.
@@ -101,7 +103,7 @@ DEFAULT_SIZE = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "positions
 PRETRAIN_STEPS = {"gpt2": 300, "llama": 300, "bart": 1000}
 
 
-def _pretrain(model, tokenizer, steps: int, seed: int) -> list[float]:
+def _pretrain(model, tokenizer, steps: int, seed: int, name: str = "tiny") -> list[float]:
     """A short language-model pretraining on the corpus lines, each line on its own (tables and texts are
     never paired, so mapping a table to its text is left for the prefix to learn). Encoder-decoders learn
     to reconstruct a line from a copy with 15% of its tokens masked. Returns the loss curve."""
@@ -130,12 +132,10 @@ def _pretrain(model, tokenizer, steps: int, seed: int) -> list[float]:
         out.loss.backward()
         opt.step()
         losses.append(out.loss.item())
+        if (len(losses) % 100 == 0) or len(losses) == steps:
+            print(f"[backbone] {name}: pretraining step {len(losses)}/{steps}, loss {losses[-1]:.3f}", flush=True)
     model.eval()
     return losses
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("PREFIXTUNING_CACHE", Path.home() / ".cache" / "prefixtuning"))
 
 
 def build_tiny(family: str, cache_dir: str | Path | None = None, seed: int = 0, **size) -> Path:
@@ -152,22 +152,20 @@ def build_tiny(family: str, cache_dir: str | Path | None = None, seed: int = 0, 
         return out
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    t0 = time.perf_counter()
+    print(f"[backbone] tiny-{family}: building once into {out} (BPE tokenizer, {size['layers']} layers of "
+          f"width {size['hidden']}, {size['pretrain_steps']} pretraining steps on the E2E sample lines)", flush=True)
     tokenizer = _train_tokenizer(family, size["vocab"])
     config = _config(family, tokenizer, size)
     torch.manual_seed(seed)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = auto.from_config(config)
-    losses = _pretrain(model, tokenizer, int(size["pretrain_steps"]), seed)
+    losses = _pretrain(model, tokenizer, int(size["pretrain_steps"]), seed, name=f"tiny-{family}")
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "DONE").write_text(json.dumps({"recipe": json.loads(key), "pretrain_loss_first": losses[:1],
                                           "pretrain_loss_last": losses[-1:]}))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, out)  # atomic: concurrent builders (DDP ranks, xdist) never see half a model
-    except OSError:
-        if not (out / "DONE").exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    publish_dir(tmp, out)
+    print(f"[backbone] tiny-{family}: built in {time.perf_counter() - t0:.0f} s", flush=True)
     return out

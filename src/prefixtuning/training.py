@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 
 def load_backbone(cfg) -> Backbone:
     b = cfg.backbone
-    return Backbone.load(b.name_or_path, tiny=b.get("tiny"), cache_dir=b.get("cache_dir"),
+    return Backbone.load(b.name_or_path, offline_substitute=b.get("offline_substitute"), cache_dir=b.get("cache_dir"),
                          dtype=b.get("dtype", "float32"), dropout=b.get("dropout"),
                          gradient_checkpointing=b.get("gradient_checkpointing", False))
 
@@ -195,6 +195,6 @@ def run_test_split(cfg, module: PrefixTuningModule, data: PrefixDataModule, best
     split = cfg.get("test_split", "test")
     result = evaluate_model(module.model, data, split, cfg.decoding, output_dir, batch_size=cfg.decoding.batch_size,
                             progress=bool(cfg.trainer.get("enable_progress_bar", True)),
-                            max_inputs=cfg.get("test_max_inputs"))
+                            max_inputs=cfg.get("test_max_inputs"), show_examples=cfg.get("show_examples", 3))
     print(f"[test] {split} ({'best checkpoint' if best else 'final weights'}):\n" + format_table(result), flush=True)
     return {f"test/{k}": v for k, v in result.items()}
