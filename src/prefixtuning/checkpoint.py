@@ -32,7 +32,7 @@ def load_trained(path: str | Path):
     if "prefixtuning" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint of this project (no 'prefixtuning' entry)")
     cfg = OmegaConf.create(ckpt["prefixtuning"]["config"])
-    model = build_model(cfg, load_backbone(cfg))
+    model = build_model(cfg, load_backbone(cfg, trained_on=ckpt["prefixtuning"].get("backbone")))
     module = PrefixTuningModule(model, {"lr": 0.0})
     check_checkpoint(ckpt, module, source=str(path))
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if not k.startswith(BACKBONE_KEY)}
@@ -50,6 +50,6 @@ def _load_export(path: Path):
     if not meta.get("config"):
         raise ExportError(f"{path / 'prefix.json'} has no training config; evaluate needs its backbone and data")
     cfg = OmegaConf.create(meta["config"])
-    backbone = load_backbone(cfg)
+    backbone = load_backbone(cfg, trained_on=meta.get("backbone"))
     prefix, meta = load_prefix(path, backbone)
     return PrefixTuningModel(backbone, prefix, meta.get("shift_positions", True)).eval(), cfg

@@ -24,6 +24,7 @@ from .callbacks import GenerationValidation, JsonlMetrics
 from .data.datamodule import PrefixDataModule
 from .initialization import initialize_prefix
 from .lightning_module import PrefixTuningModule
+from .local_backbones import is_local_backbone
 from .model import PrefixTuningModel
 from .prefixes import build_prefix
 
@@ -34,9 +35,14 @@ class ConfigError(ValueError):
     """A config that cannot work; raised before any training starts."""
 
 
-def load_backbone(cfg) -> Backbone:
+def load_backbone(cfg, trained_on: str | None = None) -> Backbone:
+    """The run's backbone. `trained_on`: the backbone a checkpoint or export names; when that was a local
+    substitute (the run had no hub access), the same substitute is loaded, not the hub id of the config."""
     b = cfg.backbone
-    return Backbone.load(b.name_or_path, offline_substitute=b.get("offline_substitute"), cache_dir=b.get("cache_dir"),
+    name = b.name_or_path
+    if trained_on and trained_on != name and is_local_backbone(trained_on):
+        name = trained_on
+    return Backbone.load(name, offline_substitute=b.get("offline_substitute"), cache_dir=b.get("cache_dir"),
                          dtype=b.get("dtype", "float32"), dropout=b.get("dropout"),
                          gradient_checkpointing=b.get("gradient_checkpointing", False))
 
@@ -68,8 +74,8 @@ def parameter_report(model: PrefixTuningModel) -> dict:
     inference = sum(k.numel() + v.numel() for k, v in model.prefix.key_values().values())
     if model.prefix.gated:
         inference += sum(p.numel() for n, p in model.prefix.named_parameters() if n.startswith(("gate_", "layer_")))
-    return {"trainable_params": trainable, "frozen_params": frozen, "inference_prefix_params": inference,
-            "trainable_share_of_backbone": trainable / frozen}
+    return {"backbone": model.backbone.name, "trainable_params": trainable, "frozen_params": frozen,
+            "inference_prefix_params": inference, "trainable_share_of_backbone": trainable / frozen}
 
 
 def print_parameter_report(model: PrefixTuningModel) -> dict:
