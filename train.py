@@ -13,6 +13,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import prefixtuning  # noqa: E402,F401  (registers the config resolvers)
+from prefixtuning.resume import ResumeError, resume_argv  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -24,4 +25,11 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    import sys
+
+    try:  # a resume restores the run's own overrides before Hydra composes (and writes) anything
+        sys.argv = resume_argv(sys.argv)
+    except ResumeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
     main()

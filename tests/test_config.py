@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from transformers import BartConfig, GPT2Config, LlamaConfig
 
 from conftest import ROOT, compose_cfg
+from prefixtuning.config_check import ConfigError, check_train_config
 from prefixtuning.backbone import BackboneLoadError, Geometry
 from prefixtuning.data.datamodule import PrefixDataModule
 from prefixtuning.initialization import initialize_prefix
@@ -112,3 +113,37 @@ def test_geometry_of_real_families():
                                          num_hidden_layers=16, head_dim=64))
     assert q.sites["decoder"].n_kv_heads == 8 and q.sites["decoder"].n_heads == 32
     assert Geometry.from_dict(q.to_dict()) == q
+
+
+# ---------------------------------------------------------------- every value checked before any model loads
+
+ALL_OPTIONS = [(g, o) for g in ("backbone", "prefix", "init", "decoding", "data", "lowres", "extrapolation",
+                                "trainer", "logger", "experiment", "debug") for o in options(g)]
+
+
+@pytest.mark.parametrize("group,option", ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
+def test_every_shipped_option_passes_the_config_check(tmp_path, group, option):
+    check_train_config(compose_cfg([f"{group}={option}"], tmp_path))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.batch_size=eight", "data.batch_size='eight' is a str; expected int"),
+    ("data.batch_size=0", "data.batch_size=0 is below its minimum 1"),
+    ("optim.lr=-1e-3", "optim.lr=-0.001 must be greater than 0"),
+    ("prefix.length=2.5", "prefix.length=2.5 is a float; expected int"),
+    ("decoding.num_beams=true", "decoding.num_beams=True is a bool; expected int"),
+    ("backbone.dtype=float64", "backbone.dtype='float64' is not one of float32, bfloat16, float16"),
+    ("+data.bach_size=4", "config key data.bach_size is not read by anything"),
+    ("+prefix.mid_dim=64", "config key prefix.mid_dim is read only when prefix.kind is reparam"),
+    ("+trainer.max_epoch=3", "config key trainer.max_epoch is not an argument of lightning.Trainer"),
+    ("trainer.max_steps=ten", "trainer.max_steps='ten' is a str; expected int"),
+    ("+surprise=1", "config key surprise is not read by anything"),
+])
+def test_bad_values_and_unread_keys_fail_before_any_model_loads(tmp_path, override, message, monkeypatch):
+    import prefixtuning.training as training
+
+    monkeypatch.setattr(training, "load_backbone", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError) as err:
+        training.train(compose_cfg([override], tmp_path / "run"))
+    assert message in str(err.value)
+    assert not (tmp_path / "run").exists()  # nothing written either

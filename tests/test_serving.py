@@ -176,3 +176,67 @@ def test_bad_exports_and_ids_fail_with_a_sentence_and_the_bank_keeps_serving(tmp
     assert out[0]["output"] == bank.generate([SOURCES[0]], ["good"], max_new_tokens=5, num_beams=2)[0]
     assert "unknown prefix id 'nobody'" in out[1]["error"] and "reqs.jsonl, line 2" in out[1]["error"]
     assert "output" in out[2] and "line 4" in out[3]["error"]
+
+
+def test_serving_cli_answers_every_line_of_a_mixed_file(tmp_path):
+    """Valid and invalid requests in one file, through the CLI as a user runs it: each line gets its own
+    answer, in order; a request longer than the model's positions no longer takes the others down."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    gpt2 = load_tiny("gpt2")
+    torch.manual_seed(0)
+    prefix = build_prefix({"kind": "static", "length": 4}, gpt2.geometry)
+    from prefixtuning.export import export_prefix
+    export_prefix(prefix, gpt2, tmp_path / "a")
+    too_long = " ".join(["name : The Vaults"] * 400)  # > 1024 positions of the tiny backbone
+    lines = [json.dumps({"prefix": "a", "input": SOURCES[0]}),
+             json.dumps({"prefix": "a", "input": too_long}),
+             json.dumps({"prefix": "a", "input": ""}),
+             json.dumps({"prefix": "a", "input": ["not", "text"]}),
+             json.dumps({"prefix": 7, "input": SOURCES[1]}),
+             json.dumps({"prefix": "nobody", "input": SOURCES[1]}),
+             "{not json",
+             json.dumps(["a list"]),
+             json.dumps({"prefix": None, "input": SOURCES[2]})]
+    reqs = tmp_path / "reqs.jsonl"
+    reqs.write_bytes(("\n".join(lines) + "\n").encode() + b'{"prefix": "a", "input": "caf\xff"}\n')
+    out_path = tmp_path / "out.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "prefixtuning.serving", "--backbone", "tiny-gpt2",
+                           "--prefix", f"a={tmp_path / 'a'}", "--input", str(reqs), "--output", str(out_path),
+                           "--max-new-tokens", "4", "--num-beams", "2", "--batch-size", "4"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"served": 2, "errors": 8}
+    out = [json.loads(l) for l in out_path.read_text().splitlines()]
+    assert [r["line"] for r in out] == list(range(1, 11))
+    assert "output" in out[0] and "output" in out[8]
+    expect = {2: "positions", 3: "'input' is empty", 4: "'input' must be a string", 5: "'prefix' must be a string",
+              6: "unknown prefix id 'nobody'", 7: "not JSON", 8: "expected a JSON object", 10: "not UTF-8"}
+    for line, words in expect.items():
+        assert words in out[line - 1]["error"] and f"line {line}" in out[line - 1]["error"], out[line - 1]
+
+
+def test_serving_writes_as_it_goes_so_a_crash_keeps_the_served_lines(tmp_path, monkeypatch):
+    gpt2 = load_tiny("gpt2")
+    bank = PrefixBank(gpt2)
+    reqs = tmp_path / "reqs.jsonl"
+    reqs.write_text("\n".join(json.dumps({"prefix": None, "input": s}) for s in SOURCES * 2) + "\n")
+    real = bank.generate
+    calls = {"n": 0}
+
+    def crash_on_second_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SystemExit("the process dies")
+        return real(*a, **k)
+
+    monkeypatch.setattr(bank, "generate", crash_on_second_batch)
+    with pytest.raises(SystemExit):
+        serve_jsonl(bank, reqs, tmp_path / "out.jsonl", batch_size=len(SOURCES), max_new_tokens=3)
+    done = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in done] == list(range(1, len(SOURCES) + 1)) and all("output" in r for r in done)

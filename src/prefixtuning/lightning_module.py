@@ -17,6 +17,10 @@ class CheckpointMismatch(RuntimeError):
     pass
 
 
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN or an infinity; raised at once, so no checkpoint holds garbage."""
+
+
 class PrefixTuningModule(L.LightningModule):
     """Training: loss on target tokens only (the collator masks the source with -100), AdamW over the
     prefix parameters, linear warm-up then linear decay to 0 (as the paper). Checkpoints hold the prefix
@@ -39,8 +43,29 @@ class PrefixTuningModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self(batch).loss
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"train/loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, batch "
+                f"{batch_idx} of the epoch, {batch['input_ids'].shape[0]} examples); training stopped before "
+                f"this step's update, the last checkpoint is untouched. {self._overflow_hint()}")
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteError(
+                f"the update of step {self.global_step - 1} (epoch {self.current_epoch}, batch {batch_idx} of the "
+                f"epoch) made {len(bad)} trainable tensors non-finite ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}): the optimizer overflowed. {self._overflow_hint()}")
+
+    def _overflow_hint(self) -> str:
+        lr = self.optim["lr"]
+        clip = self.trainer.gradient_clip_val if self._trainer is not None else None
+        return (f"The settings that drive the update: optim.lr={lr} (from data.lr unless set), "
+                f"trainer.gradient_clip_val={clip}, trainer.precision="
+                f"{self.trainer.precision if self._trainer is not None else '?'}; lower optim.lr or set "
+                f"trainer.gradient_clip_val=1.0, then resume from the last checkpoint or start again.")
 
     def on_validation_epoch_start(self):
         dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
@@ -80,6 +105,11 @@ class PrefixTuningModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if not k.startswith(BACKBONE_KEY)}
+        bad = [k for k, v in checkpoint["state_dict"].items()
+               if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+        if bad:  # whatever path led here, a checkpoint never holds NaN or inf
+            raise NonFiniteError(f"refusing to write a checkpoint at step {checkpoint.get('global_step')}: "
+                                 f"{', '.join(bad[:3])} hold non-finite values")
         checkpoint["prefixtuning"] = {**self.identity(), "config": self.run_config}
         # Dropout in the backbone draws from these: restoring them makes a resumed run equal an
         # uninterrupted one (Lightning does not save them). Under DDP this is rank 0's state.

@@ -172,33 +172,97 @@ class PrefixBank:
         return out.logits, mask
 
 
+class BadRequest(ValueError):
+    pass
+
+
+def _check_request(bank: PrefixBank, line: str, max_new_tokens: int) -> tuple[str | None, str]:
+    """(prefix id, input text) of one request line, or BadRequest saying what is wrong with it."""
+    try:
+        req = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BadRequest(f"not JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(req, dict):
+        raise BadRequest(f"expected a JSON object {{'prefix': name, 'input': text}}, got {type(req).__name__}")
+    text, pid = req.get("input"), req.get("prefix")
+    if not isinstance(text, str):
+        raise BadRequest(f"field 'input' must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise BadRequest("field 'input' is empty")
+    if pid is not None and not isinstance(pid, str):
+        raise BadRequest(f"field 'prefix' must be a string or null, got {type(pid).__name__}")
+    try:
+        bank.check_ids([pid])
+    except UnknownPrefix as err:
+        raise BadRequest(str(err)) from None
+    n = len(bank.featurizer.prompt_ids(text))
+    geo = bank.backbone.geometry
+    offset = bank.entries[pid].offset if pid is not None else 0
+    need = n + (0 if bank.backbone.is_encoder_decoder else offset + max_new_tokens)
+    if (n if bank.backbone.is_encoder_decoder else need) > geo.max_positions:
+        raise BadRequest(f"input of {n} tokens (+ prefix offset {offset} + max_new_tokens {max_new_tokens}) needs "
+                         f"{need} positions, but backbone {bank.backbone.name} has {geo.max_positions}")
+    return pid, text
+
+
 def serve_jsonl(bank: PrefixBank, in_path: str | Path, out_path: str | Path, batch_size: int = 16,
                 **generate_kwargs) -> dict:
-    """Read `{"prefix": name, "input": text}` lines, write `{"prefix", "input", "output"}` (or `"error"`)
-    lines in the same order. A bad request gets an error line; the others are still served."""
-    requests, results = [], []
-    for n, line in enumerate(Path(in_path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            req = json.loads(line)
-            if not isinstance(req, dict) or not isinstance(req.get("input"), str):
-                raise ValueError("expected an object with a string 'input'")
-            pid = req.get("prefix")
-            bank.check_ids([pid])
-            requests.append((len(results), pid, req["input"]))
-            results.append({"prefix": pid, "input": req["input"]})
-        except (ValueError, UnknownPrefix) as err:
-            results.append({"line": n, "error": f"{in_path}, line {n}: {err}"})
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start:start + batch_size]
+    """Read `{"prefix": name, "input": text}` lines, write `{"line", "prefix", "input", "output"}` or
+    `{"line", "error"}` lines in the same order.
+
+    A request that cannot be served (not JSON, wrong types, empty, unknown prefix, too long for the model)
+    gets an error line and the others are served; if a batch fails anyway, its requests are retried one by
+    one so only the failing one gets the error. Lines are written (and flushed) as each batch finishes, so
+    a crash keeps everything served before it."""
+    max_new = int(generate_kwargs.get("max_new_tokens") or 20)
+    counts = {"served": 0, "errors": 0}
+    with open(in_path, "rb") as src, \
+            open(out_path, "w", encoding="utf-8", buffering=1) as out:
+        pending: list[tuple[int, str | None, str]] = []
+        ready: list[dict] = []
+
+        def emit(record: dict) -> None:
+            counts["errors" if "error" in record else "served"] += 1
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+        def flush() -> None:
+            results = {n: r for n, r in _serve_batch(bank, pending, generate_kwargs)}
+            for record in sorted(ready + list(results.values()), key=lambda r: r["line"]):
+                emit(record)
+            out.flush()
+            pending.clear()
+            ready.clear()
+
+        for n, raw in enumerate(src, start=1):
+            if not raw.strip():
+                continue
+            try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise BadRequest(f"bytes {raw[err.start:err.end]!r} at column {err.start + 1} are not UTF-8") from None
+                pid, text = _check_request(bank, line, max_new)
+                pending.append((n, pid, text))
+            except BadRequest as err:
+                ready.append({"line": n, "error": f"{in_path}, line {n}: {err}"})
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    return counts
+
+
+def _serve_batch(bank: PrefixBank, chunk, generate_kwargs):
+    """(line, record) for every request of a chunk; a failing batch is retried request by request."""
+    if not chunk:
+        return []
+    try:
         outs = bank.generate([t for _, _, t in chunk], [p for _, p, _ in chunk], **generate_kwargs)
-        for (i, _, _), o in zip(chunk, outs):
-            results[i]["output"] = o
-    with open(out_path, "w", encoding="utf-8") as fh:
-        for r in results:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return {"served": len(requests), "errors": sum("error" in r for r in results)}
+        return [(n, {"line": n, "prefix": p, "input": t, "output": o}) for (n, p, t), o in zip(chunk, outs)]
+    except Exception as err:
+        if len(chunk) == 1:
+            n = chunk[0][0]
+            return [(n, {"line": n, "error": f"line {n}: generation failed ({type(err).__name__}: {err})"})]
+        return [r for req in chunk for r in _serve_batch(bank, [req], generate_kwargs)]
 
 
 def main(argv=None) -> int:

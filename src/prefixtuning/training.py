@@ -21,18 +21,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from .backbone import Backbone
 from .callbacks import GenerationValidation, JsonlMetrics
+from .config_check import ConfigError, check_train_config
 from .data.datamodule import PrefixDataModule
 from .initialization import initialize_prefix
 from .lightning_module import PrefixTuningModule
 from .local_backbones import is_local_backbone
 from .model import PrefixTuningModel
 from .prefixes import build_prefix
+from .resume import ContinuingCSVLogger, checkpoint_to_resume
 
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
-    """A config that cannot work; raised before any training starts."""
 
 
 def load_backbone(cfg, trained_on: str | None = None) -> Backbone:
@@ -89,9 +89,8 @@ def print_parameter_report(model: PrefixTuningModel) -> dict:
 
 def build_logger(cfg, output_dir: Path):
     kind = cfg.logger.kind
-    if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-        return CSVLogger(save_dir=str(output_dir), name="csv", version="")
+    if kind == "csv":  # appends to the run's CSV log on resume instead of deleting it
+        return ContinuingCSVLogger(save_dir=str(output_dir), name="csv", version="")
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
         mode = cfg.logger.get("mode") or wandb_mode()
@@ -123,14 +122,20 @@ def build_trainer(cfg, output_dir: Path, callbacks=()) -> L.Trainer:
                            auto_insert_metric_name=False, monitor=ck.get("monitor", "val/loss"),
                            mode=ck.get("mode", "min"), save_last=True, save_top_k=1)
     cbs = [ckpt, JsonlMetrics(output_dir / "metrics.jsonl", tcfg.get("log_every_n_steps", 10)), *callbacks]
-    return L.Trainer(logger=build_logger(cfg, output_dir), callbacks=cbs, default_root_dir=str(output_dir), **tcfg)
+    from .checkpoint import SafeCheckpointIO
+    return L.Trainer(logger=build_logger(cfg, output_dir), callbacks=cbs, default_root_dir=str(output_dir),
+                     plugins=[SafeCheckpointIO()], **tcfg)
 
 
 def train(cfg: DictConfig, callbacks=()) -> dict:
     """Run one training job; `callbacks` are extra Lightning callbacks (tests, notebooks)."""
+    check_train_config(cfg)  # types, ranges and unread keys, before any model is loaded
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    resume_from = checkpoint_to_resume(cfg, output_dir)  # checked before the run folder is written to
+    from .checkpoint import check_writable
+    check_writable(output_dir)
+    if resume_from is None or not (output_dir / "config.yaml").exists():
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # a resume keeps the run's own
     L.seed_everything(cfg.seed, workers=True)
 
     backbone = load_backbone(cfg)
@@ -139,6 +144,9 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
     data = PrefixDataModule(cfg.data, backbone.tokenizer, backbone.is_encoder_decoder, seed=cfg.seed,
                             lowres=cfg.get("lowres"), split=cfg.get("extrapolation"), output_dir=output_dir)
     check_positions(model, data.longest(("train", "dev")), where=f"data={cfg.data.name}")
+    vg = cfg.get("val_generation")
+    if vg and vg.enabled:  # decoded at the end of the first epoch: load (and check) its split now
+        data.eval_groups(vg.split)
     if cfg.get("test_after_training"):
         preflight_test(cfg, data)
     report = print_parameter_report(model)
@@ -146,17 +154,16 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
     module = PrefixTuningModule(model, OmegaConf.to_container(cfg.optim, resolve=True),
                                 run_config=OmegaConf.to_container(cfg, resolve=True))
     callbacks = list(callbacks)
-    vg = cfg.get("val_generation")
     if vg and vg.enabled:
         val_decoding = OmegaConf.merge(cfg.decoding, {"num_beams": vg.num_beams})
         callbacks.append(GenerationValidation(data, val_decoding, vg.split, vg.max_inputs, vg.every_n_epochs,
                                               vg.log_samples))
     trainer = build_trainer(cfg, output_dir, callbacks)
     metrics: dict = {**report, "init": init_report}
-    if cfg.get("validate_before_training") and not cfg.get("ckpt_path"):
+    if cfg.get("validate_before_training") and resume_from is None:
         start = trainer.validate(module, datamodule=data, verbose=False)
         metrics["val/loss_start"] = start[0]["val/loss"]
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
     for k, v in trainer.callback_metrics.items():
         metrics[k] = float(v)
     ckpt_cb = trainer.checkpoint_callback

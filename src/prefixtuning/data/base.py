@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 DATASETS: dict[str, type] = {}
 
@@ -17,6 +18,23 @@ def register_dataset(name: str):
 
 class DataError(ValueError):
     """Malformed or missing data; the message names the file and the line or record."""
+
+
+def read_text(path: str | Path) -> str:
+    """The whole file as UTF-8 text. Bytes that are not UTF-8 raise DataError naming the file, line and
+    column, never a bare UnicodeDecodeError; every reader of every dataset goes through here."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist or is not a file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        col = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"{path}, line {line}, column {col}: bytes {raw[err.start:err.end]!r} are not UTF-8 "
+                        f"({err.reason}); the official files are UTF-8") from None
+    return text.removeprefix("\ufeff")  # a byte-order mark is not part of the first field
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,21 @@ class PrefixDataModule(L.LightningDataModule):
         return filter_by_category(items, self.split_cfg.field, keep, self.cfg.name, split)
 
     def pairs(self, split: str):
+        return self._nonempty(self._pairs(split), split)
+
+    def _nonempty(self, items, split: str):
+        """No split is ever silently empty: a run on zero examples trains 0 steps and reports metrics."""
+        if not items:
+            how = []
+            if self.lowres is not None and split in ("train", "dev"):
+                how.append(f"lowres size {self.lowres.size}, sample {self.lowres.sample}")
+            if self._categories(split):
+                how.append(f"categories {list(self._categories(split))} of extrapolation={self.split_cfg.name}")
+            raise DataError(f"data={self.cfg.name}: split {split!r} has no examples"
+                            + (f" after {' and '.join(how)}" if how else ""))
+        return items
+
+    def _pairs(self, split: str):
         if self.lowres is not None and split in ("train", "dev"):
             if self._lowres_pairs is None:
                 full = self._filtered(self.dataset.pairs("train"), "train")
@@ -89,7 +104,7 @@ class PrefixDataModule(L.LightningDataModule):
         """Evaluation inputs with all references, in the official order (after lowres / category split)."""
         if self.lowres is not None and split in ("train", "dev"):
             return group_references(self.pairs(split))
-        return self._filtered(self.dataset.eval_groups(split), split)
+        return self._nonempty(self._filtered(self.dataset.eval_groups(split), split), split)
 
     def features(self, split: str) -> list[dict]:
         if split not in self.splits:

@@ -9,13 +9,16 @@ linearizes an MR exactly as the Prefix-Tuning paper's files (src1_*.txt) do:
 from __future__ import annotations
 
 import csv
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import DataError, Example, group_references, register_dataset
+from .base import DataError, Example, group_references, read_text, register_dataset
 
-_SLOT = re.compile(r"\s*([^\[\],]+?)\s*\[([^\]]*)\]\s*")
+# attribute[value]: neither may hold a bracket, so `name[The Eagle, eatType[pub]` (a slot left open) is an
+# error instead of the value "The Eagle, eatType[pub"
+_SLOT = re.compile(r"\s*([^\[\],]+?)\s*\[([^\[\]]*)\]\s*")
 # The paper's files rename one attribute; all others keep their official names.
 _RENAME = {"eatType": "Type", "priceRange": "price", "familyFriendly": "family friendly"}
 ATTRIBUTES = ("name", "eatType", "food", "priceRange", "customer rating", "area", "familyFriendly", "near")
@@ -64,7 +67,7 @@ def read_e2e_csv(path: str | Path) -> list[E2ERow]:
     if not path.is_file():
         raise DataError(f"E2E file {path} does not exist")
     rows = []
-    with open(path, newline="", encoding="utf-8") as fh:
+    with io.StringIO(read_text(path), newline="") as fh:
         reader = csv.reader(fh)
         try:
             header = [h.strip().lower() for h in next(reader)]
@@ -85,10 +88,10 @@ def read_e2e_csv(path: str | Path) -> list[E2ERow]:
                 try:
                     parse_mr(fields[0])
                 except ValueError as err:
-                    raise DataError(f"{path}, line {line}: malformed MR: {err}") from None
+                    raise DataError(f"{path}, line {line}, field mr: malformed MR: {err}") from None
                 ref = fields[1] if len(header) == 2 else None
                 if ref is not None and not ref.strip():
-                    raise DataError(f"{path}, line {line}: empty reference")
+                    raise DataError(f"{path}, line {line}, field ref: empty reference")
                 rows.append(E2ERow(fields[0], ref, line))
         except csv.Error as err:
             raise DataError(f"{path}, line {reader.line_num}: {err}") from None
@@ -116,7 +119,9 @@ class E2EData:
 
     def pairs(self, split: str) -> list[Example]:
         rows = read_e2e_csv(self.path(split))
-        if rows and rows[0].ref is None:
+        if not rows:
+            raise DataError(f"{self.path(split)}: split {split!r} has no examples (a header and no rows)")
+        if rows[0].ref is None:
             raise DataError(f"{self.path(split)} has no references (MR column only); use testset_w_refs.csv")
         return [Example(linearize_mr(r.mr), r.ref.strip()) for r in rows]
 

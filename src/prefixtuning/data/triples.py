@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from ..metrics.tasks import webnlg_normalize
-from .base import DataError, EvalGroup, pairs_of, register_dataset
+from .base import DataError, EvalGroup, pairs_of, read_text, register_dataset
 
 # WebNLG 2017 categories (the challenge's evaluation.py): seen in train/dev, and test-only.
 WEBNLG_SEEN = ("Airport", "Astronaut", "Building", "City", "ComicsCharacter", "Food", "Monument", "SportsTeam",
@@ -57,7 +57,7 @@ def read_triples_xml(path: Path, triple_tag: str = "mtriple") -> list[EvalGroup]
 
 def _load_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: malformed JSON ({err})") from None
 

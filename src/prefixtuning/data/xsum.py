@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 
-from .base import DataError, Example, EvalGroup, register_dataset
+from .base import DataError, Example, EvalGroup, read_text, register_dataset
 
 SPLIT_NAMES = {"train": "train", "dev": "validation", "test": "test"}
 
@@ -70,14 +70,22 @@ class XSumData:
         if self._split is None:
             p = self._file("split_file")
             try:
-                data = json.loads(p.read_text(encoding="utf-8"))
+                data = json.loads(read_text(p))
             except json.JSONDecodeError as err:
                 raise DataError(f"{p}: malformed JSON ({err})") from None
+            if not isinstance(data, dict):
+                raise DataError(f"{p}: expected an object with train / validation / test id lists")
             missing = [k for k in SPLIT_NAMES.values() if k not in data]
             if missing:
                 raise DataError(f"{p}: no {missing} lists (expected train / validation / test)")
+            for v in SPLIT_NAMES.values():
+                if not isinstance(data[v], list) or not all(isinstance(i, (str, int)) for i in data[v]):
+                    raise DataError(f"{p}, field {v!r}: expected a list of document ids")
             self._split = {k: [str(i) for i in data[v]] for k, v in SPLIT_NAMES.items()}
         return self._split
+
+    def _corpus_name(self) -> str:
+        return "the hub's EdinburghNLP/xsum" if self.files.get("hub") else str(self.data_dir / self.files["documents"])
 
     def documents(self) -> dict[str, dict]:
         if self._docs is None:
@@ -91,20 +99,26 @@ class XSumData:
 
     def _from_jsonl(self, p: Path) -> dict[str, dict]:
         docs = {}
-        with open(p, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{p}, line {n}: malformed JSON ({err})") from None
-                for key in ("id", "document", "summary"):
-                    if not isinstance(rec.get(key), str) or (key != "id" and not rec[key].strip()):
-                        raise DataError(f"{p}, line {n}: missing or empty field {key!r}")
-                if "url_section" not in rec and rec.get("url"):
-                    rec["url_top"], rec["url_section"] = url_category(rec["url"])
-                docs[rec["id"]] = rec
+        for n, line in enumerate(read_text(p).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{p}, line {n}: malformed JSON ({err})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{p}, line {n}: expected a JSON object with id, document, summary")
+            for key in ("id", "document", "summary"):
+                if not isinstance(rec.get(key), str) or not rec[key].strip():
+                    raise DataError(f"{p}, line {n}, field {key!r}: missing, empty or not a string")
+            for key in ("url", "url_section", "url_top"):
+                if key in rec and not isinstance(rec[key], str):
+                    raise DataError(f"{p}, line {n}, field {key!r}: not a string")
+            if rec["id"] in docs:
+                raise DataError(f"{p}, line {n}, field 'id': {rec['id']!r} appears twice")
+            if "url_section" not in rec and rec.get("url"):
+                rec["url_top"], rec["url_section"] = url_category(rec["url"])
+            docs[rec["id"]] = rec
         return docs
 
     def _from_hub(self) -> dict[str, dict]:
@@ -120,7 +134,7 @@ class XSumData:
 
     def _add_urls(self, p: Path) -> None:
         """The official XSum-WebArxiveUrls.txt: one Wayback URL per line, the BBC id at its end."""
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(read_text(p).splitlines(), start=1):
             m = re.search(r"(\d+)/?$", line.strip())
             if not m:
                 continue
@@ -132,10 +146,14 @@ class XSumData:
         if split not in SPLIT_NAMES:
             raise DataError(f"XSUM has no split {split!r}; splits: {', '.join(SPLIT_NAMES)}")
         ids, docs = self.split_ids()[split], self.documents()
+        if not ids:
+            raise DataError(f"{self.data_dir / self.files['split_file']}: split {split!r} has no examples "
+                            f"(its id list is empty)")
         missing = [i for i in ids if i not in docs]
         if missing:
             raise DataError(f"{self.data_dir / self.files['split_file']}: {len(missing)} of the {len(ids)} {split} "
-                            f"ids have no document in the corpus (first: id {missing[0]})")
+                            f"ids have no document in the corpus (first: id {missing[0]}); the corpus "
+                            f"{self._corpus_name()} holds {len(docs)} documents")
         out = []
         for i in ids:
             d = docs[i]

@@ -1,0 +1,221 @@
+"""No silent failure, no lost work, no run folder damaged by a failed command.
+
+Principles and the tests that hold them:
+- training never continues on garbage: NaN injected at a chosen step; an overflowing learning rate (CLI)
+- a resume is exact or refused before anything is touched: no checkpoint, changed settings, corrupt file,
+  the README command without the original overrides; logs continue (CSV rows kept)
+- a failed write never damages what was written: an interrupted checkpoint write, a full disk, a run
+  folder that cannot be written
+- the serving bank never drops the other requests (tests/test_serving.py has the mixed-request file)
+"""
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import ROOT, compose_cfg
+from prefixtuning.checkpoint import RunFolderError
+from prefixtuning.lightning_module import NonFiniteError
+from prefixtuning.resume import ResumeError
+from prefixtuning.training import train
+
+SMALL = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.limit_train_batches=3",
+         "test_after_training=false", "val_generation.enabled=false", "logger=csv"]
+# the same run as a user types it (train.py composes the root default, so the tiny recipe is spelled out)
+CLI_TINY = ["backbone=tiny-gpt2", "init=random", "data.lr=1.0e-2", "data.batch_size=16", *SMALL]
+
+
+def folder_digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cli(args, expect_ok=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+class InjectNaN(L.Callback):
+    """Turns the gradients into NaN right before the optimizer step of `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            for p in pl_module.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+
+
+# ---------------------------------------------------------------- 1. never continue on garbage
+
+def test_nan_at_a_chosen_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = compose_cfg(SMALL + ["data.epochs=3"], tmp_path)
+    with pytest.raises(NonFiniteError) as err:
+        train(cfg, callbacks=[InjectNaN(step=4)])  # epoch 1 (3 steps per epoch), after epoch 0's checkpoint
+    msg = str(err.value)
+    assert "update of step 4 (epoch 1, batch 1 of the epoch)" in msg and "optim.lr=0.01" in msg
+    ckpts = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert ckpts, "the last good checkpoint is gone"
+    for c in ckpts:
+        state = torch.load(c, weights_only=True)
+        assert state["global_step"] == 3  # written at the end of epoch 0, never after the NaN
+        assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    assert not (tmp_path / "metrics.json").exists()  # no metrics reported for a broken run
+
+
+def test_overflowing_learning_rate_exits_nonzero_naming_the_setting(tmp_path):
+    proc = cli(CLI_TINY + ["data.epochs=1", "optim.lr=1e30", f"hydra.run.dir={tmp_path}"], expect_ok=False)
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "NonFiniteError" in err and "optim.lr=1e+30" in err, err[-2000:]
+    assert "at step" in err and "batch" in err
+    assert not any(tmp_path.glob("checkpoints/*.ckpt")) or all(
+        all(torch.isfinite(v).all() for v in torch.load(c, weights_only=True)["state_dict"].values())
+        for c in tmp_path.glob("checkpoints/*.ckpt"))
+    assert not (tmp_path / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------- 2. resume exact or refused, untouched
+
+def test_ckpt_path_last_without_a_checkpoint_is_an_error_and_touches_nothing(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    before = folder_digest(tmp_path)
+    with pytest.raises(ResumeError, match="nothing to resume"):
+        train(compose_cfg(SMALL + ["ckpt_path=last"], tmp_path))
+    assert folder_digest(tmp_path) == before
+    proc = cli(CLI_TINY + ["ckpt_path=last", f"hydra.run.dir={tmp_path}"], expect_ok=False)
+    assert proc.returncode != 0 and "nothing to resume" in proc.stderr
+    assert folder_digest(tmp_path) == before
+
+
+def test_resume_restores_the_runs_own_settings_refuses_changes_and_keeps_logs(tmp_path):
+    run = tmp_path / "run"
+    cli(CLI_TINY + ["data.epochs=1", f"hydra.run.dir={run}"])
+    overrides = (run / ".hydra" / "overrides.yaml").read_text()
+    csv_before = (run / "csv" / "metrics.csv").read_text().splitlines()
+    # the README's command, without the original overrides: resumes the run as it was configured
+    cli([f"hydra.run.dir={run}", "ckpt_path=last"])
+    assert (run / "csv" / "metrics.csv").read_text().splitlines()[: len(csv_before)] == csv_before
+    # a changed setting is refused, and the folder stays byte-identical
+    before = folder_digest(run)
+    proc = cli([f"hydra.run.dir={run}", "ckpt_path=last", "data.epochs=2"], expect_ok=False)
+    assert proc.returncode != 0
+    assert "data.epochs: 1 in the run, 2 now" in proc.stderr and "resume_allow_changes=true" in proc.stderr
+    assert folder_digest(run) == before
+    # by explicit choice: continues with a warning, and every log continues
+    proc = cli([f"hydra.run.dir={run}", "ckpt_path=last", "data.epochs=2", "resume_allow_changes=true"])
+    assert "WARNING: resume_allow_changes=true" in proc.stdout
+    after = (run / "csv" / "metrics.csv").read_text().splitlines()
+    assert after[: len(csv_before)] == csv_before and len(after) > len(csv_before)
+    jsonl = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert jsonl[0]["epoch"] == 0 and jsonl[-1]["epoch"] == 1
+    assert (run / ".hydra" / "overrides.yaml").read_text() == overrides  # the run's own command, kept
+
+
+def test_corrupt_checkpoint_is_named_and_the_last_good_one_offered(tmp_path):
+    train(compose_cfg(SMALL + ["data.epochs=1"], tmp_path))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    good = [p for p in (tmp_path / "checkpoints").glob("*.ckpt") if p != last]
+    last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a crash of another tool
+    before = folder_digest(tmp_path)
+    with pytest.raises(ResumeError) as err:
+        train(compose_cfg(SMALL + ["data.epochs=1", "ckpt_path=last"], tmp_path))
+    msg = str(err.value)
+    assert f"checkpoint {last} is corrupt" in msg and f"ckpt_path={good[-1]}" in msg
+    assert folder_digest(tmp_path) == before
+
+
+# ---------------------------------------------------------------- 3. a failed write damages nothing
+
+def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    from fsspec.implementations.local import LocalFileOpener
+
+    calls = {"n": 0}
+    real_write = LocalFileOpener.write
+
+    def dying_write(self, data):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the first epoch's two files are written; the next write dies half-way
+            real_write(self, data[: len(data) // 2])
+            raise KeyboardInterrupt("killed during the checkpoint write")
+        return real_write(self, data)
+
+    monkeypatch.setattr(LocalFileOpener, "write", dying_write)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):  # Lightning turns the interrupt into exit status 1
+        train(compose_cfg(SMALL + ["data.epochs=2"], tmp_path))
+    monkeypatch.undo()
+    for c in (tmp_path / "checkpoints").glob("*.ckpt"):
+        assert torch.load(c, weights_only=True)["global_step"] == 3  # whole, from epoch 0
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if not p.name.endswith(".ckpt")]
+
+
+def test_full_disk_is_reported_with_the_file_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    from fsspec.implementations.local import LocalFileOpener
+
+    calls = {"n": 0}
+    real_write = LocalFileOpener.write
+
+    def full_disk(self, data):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, data)
+
+    monkeypatch.setattr(LocalFileOpener, "write", full_disk)
+    with pytest.raises(RunFolderError) as err:
+        train(compose_cfg(SMALL + ["data.epochs=2"], tmp_path))
+    monkeypatch.undo()
+    assert "No space left on device" in str(err.value) and "untouched" in str(err.value)
+    assert str(tmp_path / "checkpoints") in str(err.value)
+    for c in (tmp_path / "checkpoints").glob("*.ckpt"):
+        assert torch.load(c, weights_only=True)["global_step"] == 3
+
+
+def test_run_folder_that_cannot_be_written_fails_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RunFolderError, match=f"the run folder {blocker / 'run'} cannot be written"):
+        train(compose_cfg(SMALL, blocker / "run"))
+
+
+# ---------------------------------------------------------------- 5. faults as processes
+
+def _final_prefix(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tmp_path):
+    import time
+
+    args = CLI_TINY + ["data.epochs=3", "trainer.limit_train_batches=6", "validate_before_training=false"]
+    cli(args + [f"hydra.run.dir={tmp_path / 'full'}"])
+    run = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", *args, f"hydra.run.dir={run}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((run / "checkpoints").glob("epoch0-*.ckpt")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in epoch 1: training, or writing its checkpoints
+    proc.kill()
+    proc.wait()
+    for c in (run / "checkpoints").glob("*.ckpt"):  # whatever the moment, every file there is whole
+        torch.load(c, weights_only=True)
+    cli([f"hydra.run.dir={run}", "ckpt_path=last"])
+    a, b = _final_prefix(tmp_path / "full"), _final_prefix(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
