@@ -169,5 +169,5 @@ def test_unknown_category_and_missing_document(tmp_path):
     with pytest.raises(DataError, match=r"split.json: 1 of the 2 train ids have no document .*first: id 2"):
         data.records("train")
     _write(tmp_path, "bad.jsonl", '{"id": "1", "document": "d"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl, line 1: missing or empty field 'summary'"):
+    with pytest.raises(DataError, match=r"bad.jsonl, line 1, field 'summary': missing, empty or not a string"):
         XSumData(tmp_path, files={"documents": "bad.jsonl", "split_file": "split.json"}).documents()

@@ -93,8 +93,15 @@ def test_checkpoint_for_another_backbone_is_refused(tmp_path):
     common = SMALL + ["data.epochs=1", "validate_before_training=false", "trainer.limit_train_batches=1"]
     train(compose_cfg(common, tmp_path / "a"))
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    with pytest.raises(Exception, match="trained with backbone 'tiny-gpt2', but this run has 'tiny-llama'"):
+    from prefixtuning.resume import ResumeError
+
+    # refused as a changed setting, before anything is loaded
+    with pytest.raises(ResumeError, match="backbone.name_or_path: 'tiny-gpt2' in the run, 'tiny-llama' now"):
         train(compose_cfg(common + ["backbone=tiny-llama", f"ckpt_path={last}"], tmp_path / "b"))
+    # and, even when changes are allowed, by the checkpoint's own identity check
+    with pytest.raises(Exception, match="trained with backbone 'tiny-gpt2', but this run has 'tiny-llama'"):
+        train(compose_cfg(common + ["backbone=tiny-llama", f"ckpt_path={last}", "resume_allow_changes=true"],
+                          tmp_path / "b"))
 
 
 def test_prefix_plus_input_beyond_positions_fails_before_training(tmp_path):
@@ -201,3 +208,20 @@ def test_wandb_logger_offline_run(tmp_path, monkeypatch):
     runs = list((tmp_path / "run").glob("**/offline-run-*"))
     assert runs and any(runs[0].glob("*.wandb")), list((tmp_path / "run").rglob("*"))[:20]
     assert "val/loss" in metrics
+
+
+def test_wandb_run_continues_on_resume(tmp_path, monkeypatch):
+    """The resumed segment logs into the same W&B run (same id), not a second one."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "run"))
+    common = SMALL + ["logger=wandb", "validate_before_training=false", "trainer.limit_train_batches=2"]
+    train(compose_cfg(common + ["data.epochs=1"], tmp_path / "run"))
+    run_id = (tmp_path / "run" / "wandb_run_id.txt").read_text().strip()
+    import wandb
+
+    wandb.finish()  # the first process ends here
+    train(compose_cfg(common + ["data.epochs=2", "ckpt_path=last", "resume_allow_changes=true"], tmp_path / "run"))
+    wandb.finish()
+    segments = sorted((tmp_path / "run").glob("**/offline-run-*"))
+    assert segments and all(s.name.endswith("-" + run_id) for s in segments), segments
+    assert (tmp_path / "run" / "wandb_run_id.txt").read_text().strip() == run_id

@@ -96,11 +96,23 @@ def build_logger(cfg, output_dir: Path):
         mode = cfg.logger.get("mode") or wandb_mode()
         return WandbLogger(project=cfg.logger.project, entity=cfg.logger.get("entity"), name=cfg.logger.get("name"),
                            group=cfg.logger.get("group"), tags=list(cfg.logger.get("tags") or []),
-                           save_dir=str(output_dir), mode=mode,
+                           save_dir=str(output_dir), mode=mode, id=wandb_run_id(output_dir), resume="allow",
                            config=OmegaConf.to_container(cfg, resolve=True))
     if kind in (None, "none"):
         return False
     raise ConfigError(f"logger.kind={kind!r} is not one of csv, wandb, none")
+
+
+def wandb_run_id(output_dir: Path) -> str:
+    """One W&B run per run folder: a resume continues the same W&B run instead of starting another."""
+    path = output_dir / "wandb_run_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:8]  # os entropy: draws nothing from the run's random streams
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def wandb_mode() -> str:
