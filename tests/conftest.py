@@ -48,7 +48,8 @@ def tiny_overrides(overrides: list[str]) -> list[str]:
         return []
     other_data = "data" in keys
     return [f"{k}={v}" for k, v in TINY_RECIPE.items()
-            if k not in keys and not (other_data and k.startswith("data."))]
+            if k not in keys and not (other_data and k.startswith("data."))
+            and not (k == "init" and "method" in keys)]  # a method's own config decides whether init applies
 
 
 def compose_cfg(overrides: list[str], output_dir, config_name: str = "train", tiny: bool = True):

@@ -25,7 +25,8 @@ def _check_run(out_dir, stdout, n_test):
     metrics = json.loads((out_dir / "metrics.json").read_text())
     # honest naming: the hub id was asked for, the quantized Instruct substitute was used, and every record says so
     assert "using its offline substitute smollm2-135m-instruct-q4_1" in stdout
-    assert f"frozen backbone 134,515,008 ({SMOLLM2_135M_Q4.name})" in stdout
+    assert f"frozen backbone 134,515,008 of 134,515,008 ({SMOLLM2_135M_Q4.name})" in stdout
+    assert "method=prefix (static prefix, P=5) | trainable 57,600 = 0.0428% of the backbone" in stdout
     assert metrics["backbone"] == SMOLLM2_135M_Q4.name
     ckpt = torch.load(out_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["prefixtuning"]["backbone"] == SMOLLM2_135M_Q4.name

@@ -80,7 +80,7 @@ def test_checkpoint_holds_only_prefix_and_resume_is_exact(tmp_path):
     ck_full = _ckpt(tmp_path / "full" / "checkpoints" / "last.ckpt")
     ck_res = _ckpt(tmp_path / "part" / "checkpoints" / "last.ckpt")
     keys = set(ck_full["state_dict"])
-    assert keys and all(k.startswith("model.prefix.") for k in keys), keys
+    assert keys and all(k.startswith("model.method.prefix.") for k in keys), keys
     assert ck_full["prefixtuning"]["backbone"] == "tiny-gpt2"
     assert ck_full["global_step"] == ck_res["global_step"] == 6
     for k in keys:
@@ -109,7 +109,7 @@ def test_prefix_plus_input_beyond_positions_fails_before_training(tmp_path):
     with pytest.raises(ConfigError) as err:
         train(cfg)
     msg = str(err.value)
-    assert "prefix length 1000" in msg and "has only 1024" in msg
+    assert "static prefix, P=1000 takes 1000 positions" in msg and "has only 1024" in msg
     assert not (tmp_path / "checkpoints").exists()
 
 

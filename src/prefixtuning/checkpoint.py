@@ -9,7 +9,9 @@ from omegaconf import OmegaConf
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .lightning_module import BACKBONE_KEY, PrefixTuningModule, check_checkpoint
+from .factory import build_model, load_backbone
+from .lightning_module import PrefixTuningModule, check_checkpoint
+from .model import TunedModel
 
 
 class RunFolderError(OSError):
@@ -55,11 +57,10 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def load_trained(path: str | Path):
-    """(PrefixTuningModel with the checkpoint's prefix, the run config it was trained with).
+    """(TunedModel with the checkpoint's trained tensors, the run config it was trained with).
 
-    `path` is a training checkpoint (.ckpt) or an export directory (prefix.json + prefix.safetensors)."""
-    from .training import build_model, load_backbone
-
+    `path` is a training checkpoint (.ckpt) or an export directory of export.py (a prefix export, or the
+    trained tensors of another method)."""
     if Path(path).is_dir():
         return _load_export(Path(path))
     ckpt = read_checkpoint(path)
@@ -69,21 +70,21 @@ def load_trained(path: str | Path):
     model = build_model(cfg, load_backbone(cfg, trained_on=ckpt["prefixtuning"].get("backbone")))
     module = PrefixTuningModule(model, {"lr": 0.0})
     check_checkpoint(ckpt, module, source=str(path))
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if not k.startswith(BACKBONE_KEY)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("backbone.") for k in missing)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    _, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
     return model.eval(), cfg
 
 
 def _load_export(path: Path):
-    from .export import ExportError, load_prefix, read_export
-    from .model import PrefixTuningModel
-    from .training import load_backbone
+    from .export import ExportError, load_method_export, load_prefix, read_export
 
+    if (path / "method.json").is_file():
+        return load_method_export(path)
     meta, _ = read_export(path)
     if not meta.get("config"):
         raise ExportError(f"{path / 'prefix.json'} has no training config; evaluate needs its backbone and data")
     cfg = OmegaConf.create(meta["config"])
     backbone = load_backbone(cfg, trained_on=meta.get("backbone"))
     prefix, meta = load_prefix(path, backbone)
-    return PrefixTuningModel(backbone, prefix, meta.get("shift_positions", True)).eval(), cfg
+    return TunedModel(backbone, prefix, meta.get("shift_positions", True)).eval(), cfg

@@ -65,6 +65,7 @@ SPLITS = ("train", "dev", "test")
 def _schema() -> dict[str, Spec]:
     from .data.base import DATASETS
     from .initialization import INIT_KINDS
+    from .methods import METHODS
     from .prefixes import PREFIXES
 
     return {
@@ -81,10 +82,16 @@ def _schema() -> dict[str, Spec]:
         "backbone.dtype": S(STR, choices=("float32", "bfloat16", "float16")),
         "backbone.dropout": S(FLOAT, null=True, min=0, max=1), "backbone.gradient_checkpointing": S(BOOL),
         "backbone.cache_dir": S(STR, null=True),
-        "prefix.kind": S(STR, choices=tuple(PREFIXES)), "prefix.length": S(INT, min=1),
+        "method.kind": S(STR, choices=tuple(METHODS)), "method.layers": S(INT, min=1),
+        "method.share": S(FLOAT, null=True, above=0, max=1), "method.bottleneck": S(INT, null=True, min=1),
+        "method.activation": S(STR, choices=("relu", "gelu", "tanh")), "method.length": S(INT, min=1),
+        "method.rank": S(INT, min=1), "method.alpha": S(FLOAT, above=0), "method.dropout": S(FLOAT, min=0, max=1),
+        "method.targets": S(LIST, null=True),
+        "prefix.kind": S(STR, choices=(*PREFIXES, "none")), "prefix.length": S(INT, min=1),
         "prefix.sites": S(LIST, null=True), "prefix.shift_positions": S(BOOL),
         "prefix.mid_dim": S(INT, min=1), "prefix.gate_init_std": S(FLOAT, min=0),
-        "init.kind": S(STR, choices=INIT_KINDS), "init.text": S(STR), "init.std": S(FLOAT, null=True, above=0),
+        "prefix.gate_bias_init": S(FLOAT), "prefix.dropout": S(FLOAT, min=0, max=1),
+        "init.kind": S(STR, choices=(*INIT_KINDS, "none")), "init.text": S(STR), "init.std": S(FLOAT, null=True, above=0),
         "decoding.num_beams": S(INT, min=1), "decoding.min_new_tokens": S(INT, min=0),
         "decoding.max_new_tokens": S(INT, min=1), "decoding.length_penalty": S(FLOAT),
         "decoding.no_repeat_ngram_size": S(INT, min=0), "decoding.no_newlines": S(BOOL),
@@ -108,7 +115,14 @@ def _schema() -> dict[str, Spec]:
 
 # keys only the selected kind reads
 KIND_KEYS = {"prefix.mid_dim": ("prefix.kind", ("reparam",)), "prefix.gate_init_std": ("prefix.kind", ("apt",)),
-             "init.text": ("init.kind", ("task_words", "irrelevant_words")), "init.std": ("init.kind", ("random",))}
+             "prefix.gate_bias_init": ("prefix.kind", ("apt",)),
+             "init.text": ("init.kind", ("task_words", "irrelevant_words")), "init.std": ("init.kind", ("random",)),
+             "method.layers": ("method.kind", ("finetune_top2",)),
+             **{f"method.{k}": ("method.kind", ("adapter",)) for k in ("share", "bottleneck", "activation")},
+             "method.length": ("method.kind", ("prompt",)),
+             **{f"method.{k}": ("method.kind", ("lora",)) for k in ("rank", "alpha", "dropout", "targets")}}
+# keys of a group that no kind reads when the group is switched off (prefix=none, init=none)
+GROUP_OFF = {"prefix": "prefix.kind", "init": "init.kind"}
 
 # Lightning Trainer arguments whose types this project relies on
 TRAINER = {"max_epochs": S(INT, null=True, min=-1), "max_steps": S(INT, min=-1), "devices": S(INT, STR, LIST),
@@ -153,6 +167,7 @@ def check_train_config(cfg) -> None:
                 raise ConfigError(f"config key {key} is read only when {sel} is {' or '.join(kinds)}, but "
                                   f"{sel}={selected}")
         spec.check(key, value)
+    _check_groups(cfg)
     import lightning as L
 
     allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
@@ -161,3 +176,22 @@ def check_train_config(cfg) -> None:
             raise ConfigError(f"config key trainer.{key} is not an argument of lightning.Trainer")
         if key in TRAINER:
             TRAINER[key].check(f"trainer.{key}", value)
+
+
+def _check_groups(cfg) -> None:
+    """The prefix/ and init/ groups are read by the methods that declare them, and only by those."""
+    from .methods import METHODS
+
+    kind = OmegaConf.select(cfg, "method.kind") or "prefix"
+    reads = METHODS[kind].reads
+    for group, sel in GROUP_OFF.items():
+        chosen = OmegaConf.select(cfg, sel)
+        if group in reads and chosen == "none":
+            raise ConfigError(f"method={kind} needs the {group}/ group, but {group}=none; choose one "
+                              f"(e.g. {group}={'static' if group == 'prefix' else 'task_words'})")
+        if group not in reads and chosen not in (None, "none"):
+            raise ConfigError(f"method={kind} does not read the {group}/ group, but {group}={chosen} was set; "
+                              f"drop that override (method={kind} sets {group}=none)")
+        node = OmegaConf.select(cfg, group)
+        if chosen == "none" and node is not None and set(node) - {"kind"}:
+            raise ConfigError(f"{group}=none, but {group}.{sorted(set(node) - {'kind'})[0]} is set: nothing reads it")

@@ -40,10 +40,11 @@ def generate_kwargs(cfg, tokenizer) -> dict:
 
 
 def check_generation_positions(model: PrefixTuningModel, longest_prompt: int, max_new_tokens: int) -> None:
-    geo = model.backbone.geometry
-    need = model.position_offset + (longest_prompt if not model.backbone.is_encoder_decoder else 0) + max_new_tokens
+    geo, enc_dec = model.backbone.geometry, model.backbone.is_encoder_decoder
+    taken = 0 if enc_dec else model.method.positions_taken(model.backbone)
+    need = taken + (0 if enc_dec else longest_prompt) + max_new_tokens
     if need > geo.max_positions:
-        raise ValueError(f"decoding needs {need} positions (prefix offset {model.position_offset} + longest prompt "
+        raise ValueError(f"decoding needs {need} positions ({model.method.summary()}: {taken} + longest prompt "
                          f"{longest_prompt} + max_new_tokens {max_new_tokens}) but backbone "
                          f"{model.backbone.name} has {geo.max_positions}")
 

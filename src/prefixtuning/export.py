@@ -58,6 +58,11 @@ def export_prefix(prefix: Prefix, backbone: Backbone, out_dir: str | Path, shift
 
 def read_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     d = Path(path)
+    if (d / METHOD_META).is_file():
+        meta = json.loads((d / METHOD_META).read_text())
+        raise ExportError(f"{d} holds a method={meta.get('method', {}).get('kind')} export, not a prefix: mixed-prefix "
+                          f"batching (the prefix bank, serving) injects per-row prefixes and serves prefix exports "
+                          f"only; load this one with evaluate.py ckpt={d} or checkpoint.load_trained")
     if not (d / META).is_file() or not (d / WEIGHTS).is_file():
         raise ExportError(f"{d} is not a prefix export (expected {META} and {WEIGHTS})")
     try:
@@ -102,15 +107,62 @@ def load_prefix(path: str | Path, backbone: Backbone) -> tuple[Prefix, dict]:
     return prefix.to(device).eval(), meta
 
 
+METHOD_FORMAT = "prefixtuning-method/1"
+METHOD_WEIGHTS, METHOD_META = "method.safetensors", "method.json"
+
+
+def export_method(model, out_dir: str | Path, config: dict | None = None) -> Path:
+    """Any method but prefix: its trained tensors (named as in the model) + metadata. For finetune that is
+    every backbone weight; for adapters, LoRA and prompts only theirs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(tensors, str(out / METHOD_WEIGHTS))
+    bb = model.backbone
+    meta = {"format": METHOD_FORMAT, "backbone": bb.name, "geometry": bb.geometry.to_dict(),
+            "method": model.method.describe(), "tensors": len(tensors), "config": config or {}}
+    (out / METHOD_META).write_text(json.dumps(meta, indent=2, default=str))
+    return out / METHOD_WEIGHTS
+
+
+def load_method_export(path: str | Path):
+    """(model with the exported tensors, run config) of an export_method directory."""
+    from omegaconf import OmegaConf
+
+    from .factory import build_model, load_backbone
+
+    d = Path(path)
+    try:
+        meta = json.loads((d / METHOD_META).read_text())
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{d / METHOD_META} is not valid JSON ({err})") from None
+    if meta.get("format") != METHOD_FORMAT:
+        raise ExportError(f"{d / METHOD_META} has format {meta.get('format')!r}, expected {METHOD_FORMAT!r}")
+    if not meta.get("config"):
+        raise ExportError(f"{d / METHOD_META} has no training config; loading needs its backbone and method")
+    cfg = OmegaConf.create(meta["config"])
+    model = build_model(cfg, load_backbone(cfg, trained_on=meta["backbone"]))
+    if model.backbone.name != meta["backbone"] or model.backbone.geometry.to_dict() != meta["geometry"]:
+        raise ExportError(f"{d} was exported for backbone {meta['backbone']!r}, not {model.backbone.name!r}")
+    try:
+        tensors = load_file(str(d / METHOD_WEIGHTS))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ExportError(f"{d / METHOD_WEIGHTS} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != expected:
+        raise ExportError(f"{d / METHOD_WEIGHTS} holds tensors that do not match method {meta['method']} "
+                          f"(missing {sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]})")
+    model.load_state_dict(tensors, strict=False)
+    return model.eval(), cfg
+
+
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
     """Checkpoint of train.py -> export directory; prints the file size."""
     from .checkpoint import load_trained
     from omegaconf import OmegaConf
 
     model, run_cfg = load_trained(ckpt)
-    path = export_prefix(model.prefix, model.backbone, out_dir, model.shift_positions,
-                         OmegaConf.to_container(run_cfg, resolve=True))
-    size = path.stat().st_size
-    print(f"[export] {path} ({size / 1e6:.3f} MB, {model.prefix.kind} -> {inference_prefix(model.prefix).kind}, "
-          f"P={model.prefix.length}, backbone {model.backbone.name})", flush=True)
+    path = model.method.export(model, out_dir, OmegaConf.to_container(run_cfg, resolve=True))
+    print(f"[export] {path} ({path.stat().st_size / 1e6:.3f} MB, method={model.method.kind}: "
+          f"{model.method.summary()}, backbone {model.backbone.name})", flush=True)
     return path

@@ -1,4 +1,4 @@
-"""LightningModule owning the frozen backbone and the trainable prefix."""
+"""LightningModule owning the frozen backbone and the training method (a prefix by default)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ from .model import PrefixTuningModel
 BACKBONE_KEY = "model.backbone."
 
 
+def trainable_keys(module) -> set[str]:
+    """State-dict keys of the tensors that train: what checkpoints and exports hold, for every method."""
+    return {name for name, p in module.named_parameters() if p.requires_grad}
+
+
 class CheckpointMismatch(RuntimeError):
     pass
 
@@ -23,7 +28,8 @@ class NonFiniteError(FloatingPointError):
 
 class PrefixTuningModule(L.LightningModule):
     """Training: loss on target tokens only (the collator masks the source with -100), AdamW over the
-    prefix parameters, linear warm-up then linear decay to 0 (as the paper). Checkpoints hold the prefix
+    trainable parameters, linear warm-up then linear decay to 0 (as the paper). Checkpoints hold the trainable
+    tensors
     only; the backbone is named (id + geometry) and checked on load."""
 
     def __init__(self, model: PrefixTuningModel, optim: dict, run_config: dict | None = None):
@@ -99,12 +105,11 @@ class PrefixTuningModule(L.LightningModule):
     # ---------------------------------------------------------------- checkpoints
     def identity(self) -> dict:
         bb = self.model.backbone
-        return {"backbone": bb.name, "geometry": bb.geometry.to_dict(), "prefix": self.model.prefix.describe(),
-                "shift_positions": self.model.shift_positions}
+        return {"backbone": bb.name, "geometry": bb.geometry.to_dict(), "method": self.model.method.describe()}
 
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not k.startswith(BACKBONE_KEY)}
+        keep = trainable_keys(self)  # the prefix; all weights for finetune; adapters / LoRA / prompt vectors
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         bad = [k for k, v in checkpoint["state_dict"].items()
                if torch.is_floating_point(v) and not torch.isfinite(v).all()]
         if bad:  # whatever path led here, a checkpoint never holds NaN or inf
@@ -137,11 +142,11 @@ def check_checkpoint(checkpoint: dict, module: PrefixTuningModule, source: str =
     if meta is None:
         raise CheckpointMismatch(f"{source} was not written by this project (no 'prefixtuning' entry)")
     mine = module.identity()
-    for field in ("backbone", "geometry", "prefix"):
+    for field in ("backbone", "geometry", "method"):
         if meta.get(field) != mine[field]:
             raise CheckpointMismatch(f"{source} was trained with {field} {meta.get(field)!r}, "
                                      f"but this run has {mine[field]!r}")
-    expected = {k for k in module.state_dict() if not k.startswith(BACKBONE_KEY)}
+    expected = trainable_keys(module)
     got = set(checkpoint["state_dict"])
     if got != expected:
         raise CheckpointMismatch(f"{source} holds tensors {sorted(got ^ expected)} that do not match this "

@@ -25,20 +25,24 @@ def _accepts(model: nn.Module, arg: str) -> bool:
     return arg in inspect.signature(model.forward).parameters
 
 
-class PrefixTuningModel(nn.Module):
-    """Frozen backbone with a trainable prefix.
+class TunedModel(nn.Module):
+    """Frozen backbone + a training method (`methods/`): the forward pass and `generate`.
 
-    shift_positions: real tokens of a decoder-only backbone start at position P, as in the paper's code
-    and in PEFT (where the prefix sits in the cache and takes positions 0..P-1). With False they start
-    at 0, which frees P positions of context. Encoder-decoder positions are never shifted.
+    `TunedModel(backbone, prefix)` with a Prefix builds the prefix method (`shift_positions`: real tokens of
+    a decoder-only backbone start at position P, as in the paper's code and in PEFT; False starts them at 0).
     """
 
-    def __init__(self, backbone: Backbone, prefix: Prefix, shift_positions: bool = True,
-                 target_logits_only: bool = True):
+    def __init__(self, backbone: Backbone, method, shift_positions: bool = True, target_logits_only: bool = True):
         super().__init__()
+        from .methods import Method
+        from .methods.prefix import PrefixMethod
+
+        if isinstance(method, Prefix):
+            method = PrefixMethod(backbone, prefix=method, shift_positions=shift_positions)
+        if not isinstance(method, Method):
+            raise TypeError(f"expected a Prefix or a Method, got {type(method).__name__}")
         self.backbone = backbone
-        self.prefix = prefix
-        self.shift_positions = bool(shift_positions)
+        self.method = method
         # With labels, a decoder-only backbone computes vocabulary logits only at positions that predict
         # a target token (`logits_to_keep`), not at source positions whose loss is masked anyway: the same
         # loss, a smaller LM-head matmul and no logits to store for the source. `.logits` then holds only
@@ -46,33 +50,45 @@ class PrefixTuningModel(nn.Module):
         self.target_logits_only = bool(target_logits_only) and _accepts(backbone.model, "logits_to_keep")
 
     @property
+    def prefix(self) -> Prefix:
+        if not hasattr(self.method, "prefix"):
+            raise AttributeError(f"method={self.method.kind} has no prefix")
+        return self.method.prefix
+
+    def __setattr__(self, name, value):
+        if name == "prefix":  # swap the prefix of the prefix method (nn.Module would bypass a property setter)
+            if not hasattr(self.method, "prefix"):
+                raise AttributeError(f"method={self.method.kind} has no prefix")
+            self.method.prefix = value
+            return
+        super().__setattr__(name, value)
+
+    @property
+    def shift_positions(self) -> bool:
+        return getattr(self.method, "shift_positions", False)
+
+    @property
     def position_offset(self) -> int:
-        return self.prefix.length if self.shift_positions and not self.backbone.is_encoder_decoder else 0
+        return self.method.position_offset(self.backbone)
 
     def position_ids(self, attention_mask: Tensor) -> Tensor:
         """(B, T) positions of a (left- or right-) padded batch: real tokens count from the offset."""
         return real_positions(attention_mask, self.position_offset)
 
-    def activate(self, source_mask: Tensor | None, keep_gates: bool = False):
-        state = self.prefix.state(source_mask)
-        state.keep_gates = keep_gates
-        self.backbone.injector.activate(state)
-        return state
-
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None,
                 source_mask: Tensor | None = None, **kwargs):
-        self.activate(source_mask if source_mask is not None else attention_mask)
-        if self.backbone.is_encoder_decoder:
-            return self.backbone.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                                       use_cache=False, **kwargs)
-        kwargs.setdefault("position_ids", self.position_ids(attention_mask))
+        bb = self.backbone
+        inputs = self.method.prepare(bb, input_ids, attention_mask, labels)
+        self.method.activate(bb, source_mask if source_mask is not None else attention_mask)
+        mask, labels = inputs.pop("attention_mask"), inputs.pop("labels")
+        if bb.is_encoder_decoder:
+            return bb.model(**inputs, attention_mask=mask, labels=labels, use_cache=False, **kwargs)
+        kwargs.setdefault("position_ids", self.position_ids(mask))
         if labels is None or not self.target_logits_only:
-            return self.backbone.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                                       use_cache=False, **kwargs)
+            return bb.model(**inputs, attention_mask=mask, labels=labels, use_cache=False, **kwargs)
         next_labels = labels[:, 1:]  # position t predicts token t + 1
         keep = (next_labels != IGNORE).any(0).nonzero().squeeze(-1)  # positions predicting a target in any row
-        out = self.backbone.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                  logits_to_keep=keep, **kwargs)
+        out = bb.model(**inputs, attention_mask=mask, use_cache=False, logits_to_keep=keep, **kwargs)
         logits = out.logits.float()  # (B, K, V), upcast as transformers' own causal-LM loss does
         out.loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), next_labels[:, keep].reshape(-1),
                                    ignore_index=IGNORE)
@@ -80,19 +96,25 @@ class PrefixTuningModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, **generate_kwargs) -> Tensor:
-        """HF `generate` (greedy, sampling or beam search) with the prefix; decoder-only prompts are
+        """HF `generate` (greedy, sampling or beam search) with the method active; decoder-only prompts are
         left-padded. Returns only the new tokens for decoder-only backbones."""
-        self.activate(attention_mask, keep_gates=True)  # the prompt is the source: gates pool it at prefill
+        bb = self.backbone
+        inputs = self.method.prepare(bb, input_ids, attention_mask, None)
+        mask = inputs.pop("attention_mask")
+        inputs.pop("labels")
+        # the prompt is the source: APT gates pool it at prefill and keep their values
+        self.method.activate(bb, attention_mask, keep_gates=True)
         try:
-            if not self.backbone.is_encoder_decoder:
-                generate_kwargs.setdefault("position_ids", self.position_ids(attention_mask))
-            out = self.backbone.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                               **generate_kwargs)
+            if not bb.is_encoder_decoder:
+                generate_kwargs.setdefault("position_ids", self.position_ids(mask))
+            out = bb.model.generate(**inputs, attention_mask=mask, **generate_kwargs)
         finally:
-            self.backbone.injector.deactivate()
-        beams = generate_kwargs.get("num_beams") or 1
-        if self.prefix.gated and beams > 1:  # gates were computed on beam-expanded rows: one per example
-            self.prefix.last_token_gates = {k: g[::beams] for k, g in self.prefix.last_token_gates.items()}
-        if not self.backbone.is_encoder_decoder:
+            self.method.deactivate(bb)
+        self.method.after_generate(generate_kwargs.get("num_beams") or 1)
+        if not bb.is_encoder_decoder and not self.method.generates_from_embeddings:
             out = out[:, input_ids.shape[1]:]
         return out
+
+
+# The project's name for it; every method goes through the same class.
+PrefixTuningModel = TunedModel

@@ -1,8 +1,9 @@
 """`train(cfg) -> metrics`: the whole flow, as a plain function (train.py is a thin Hydra wrapper).
 
-    backbone = Backbone.load(cfg.backbone)        frozen HF model + tokenizer + geometry
-    prefix   = build_prefix(cfg.prefix)           static | reparam | apt
-    init     = initialize_prefix(cfg.init)        random | task words | irrelevant words
+    backbone = load_backbone(cfg)                 frozen HF model + tokenizer + geometry   (factory.py)
+    model    = build_model(cfg, backbone)         method: prefix (static | reparam | apt) | finetune |
+                                                  finetune_top2 | adapter | prompt | lora
+    init     = initialize(cfg, model)             random | task words | irrelevant words
     data     = PrefixDataModule(cfg.data)         E2E | WebNLG | DART | XSUM (+ lowres, split)
     module   = PrefixTuningModule(...)            LightningModule
     Trainer(cfg.trainer, logger, callbacks).fit(module, data)
@@ -19,15 +20,12 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from .backbone import Backbone
 from .callbacks import GenerationValidation, JsonlMetrics
 from .config_check import ConfigError, check_train_config
 from .data.datamodule import PrefixDataModule
-from .initialization import initialize_prefix
+from .factory import build_model, initialize, load_backbone, parameter_report
 from .lightning_module import PrefixTuningModule
-from .local_backbones import is_local_backbone
-from .model import PrefixTuningModel
-from .prefixes import build_prefix
+from .model import TunedModel
 from .resume import ContinuingCSVLogger, checkpoint_to_resume
 
 log = logging.getLogger(__name__)
@@ -35,55 +33,27 @@ log = logging.getLogger(__name__)
 
 
 
-def load_backbone(cfg, trained_on: str | None = None) -> Backbone:
-    """The run's backbone. `trained_on`: the backbone a checkpoint or export names; when that was a local
-    substitute (the run had no hub access), the same substitute is loaded, not the hub id of the config."""
-    b = cfg.backbone
-    name = b.name_or_path
-    if trained_on and trained_on != name and is_local_backbone(trained_on):
-        name = trained_on
-    return Backbone.load(name, offline_substitute=b.get("offline_substitute"), cache_dir=b.get("cache_dir"),
-                         dtype=b.get("dtype", "float32"), dropout=b.get("dropout"),
-                         gradient_checkpointing=b.get("gradient_checkpointing", False))
-
-
-def build_model(cfg, backbone: Backbone) -> PrefixTuningModel:
-    pcfg = OmegaConf.to_container(cfg.prefix, resolve=True)
-    shift = pcfg.pop("shift_positions", True)
-    prefix = build_prefix(pcfg, backbone.geometry)
-    return PrefixTuningModel(backbone, prefix, shift_positions=shift)
-
-
-def check_positions(model: PrefixTuningModel, longest: dict[str, int], where: str = "the data") -> None:
-    """Prefix length + longest input must fit in the backbone's positions (decoder-only, shifted)."""
-    geo, P, offset = model.backbone.geometry, model.prefix.length, model.position_offset
+def check_positions(model: TunedModel, longest: dict[str, int], where: str = "the data") -> None:
+    """Positions the method takes (a shifted prefix, a prompt) + longest input must fit in the backbone."""
+    geo, taken = model.backbone.geometry, model.method.positions_taken(model.backbone)
+    what = model.method.summary()
     for side, n in longest.items():
-        if n + offset > geo.max_positions:
-            if offset:
-                msg = (f"prefix length {P} + longest {side} input {n} tokens in {where} = {n + P} positions, "
-                       f"but backbone {model.backbone.name} has only {geo.max_positions}")
+        if n + taken > geo.max_positions:
+            if taken:
+                msg = (f"{what} takes {taken} positions + longest {side} input {n} tokens in {where} = {n + taken} "
+                       f"positions, but backbone {model.backbone.name} has only {geo.max_positions}")
             else:
                 msg = (f"longest {side} input in {where} is {n} tokens, but backbone {model.backbone.name} "
-                       f"has only {geo.max_positions} positions (prefix length {P} takes none here)")
+                       f"has only {geo.max_positions} positions ({what} takes none here)")
             raise ConfigError(msg + "; shorten the inputs or the prefix, or use a backbone with more positions")
 
 
-def parameter_report(model: PrefixTuningModel) -> dict:
-    trainable = sum(p.numel() for p in model.prefix.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.backbone.parameters())
-    inference = sum(k.numel() + v.numel() for k, v in model.prefix.key_values().values())
-    if model.prefix.gated:
-        inference += sum(p.numel() for n, p in model.prefix.named_parameters() if n.startswith(("gate_", "layer_")))
-    return {"backbone": model.backbone.name, "trainable_params": trainable, "frozen_params": frozen,
-            "inference_prefix_params": inference, "trainable_share_of_backbone": trainable / frozen}
-
-
-def print_parameter_report(model: PrefixTuningModel) -> dict:
+def print_parameter_report(model: TunedModel) -> dict:
     r = parameter_report(model)
-    print(f"[params] trainable {r['trainable_params']:,} ({model.prefix.kind} prefix, P={model.prefix.length}) | "
-          f"frozen backbone {r['frozen_params']:,} ({model.backbone.name}) | "
-          f"trainable = {100 * r['trainable_share_of_backbone']:.4f}% of the backbone | "
-          f"inference prefix {r['inference_prefix_params']:,}", flush=True)
+    print(f"[params] method={r['method']} ({model.method.summary()}) | trainable {r['trainable_params']:,} = "
+          f"{100 * r['trainable_share_of_backbone']:.4f}% of the backbone | frozen backbone {r['frozen_params']:,} "
+          f"of {r['backbone_params']:,} ({model.backbone.name}) | for inference {r['inference_params']:,}",
+          flush=True)
     return r
 
 
@@ -152,7 +122,7 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
 
     backbone = load_backbone(cfg)
     model = build_model(cfg, backbone)
-    init_report = initialize_prefix(OmegaConf.to_container(cfg.init, resolve=True), model.prefix, backbone)
+    init_report = initialize(cfg, model)
     data = PrefixDataModule(cfg.data, backbone.tokenizer, backbone.is_encoder_decoder, seed=cfg.seed,
                             lowres=cfg.get("lowres"), split=cfg.get("extrapolation"), output_dir=output_dir)
     check_positions(model, data.longest(("train", "dev")), where=f"data={cfg.data.name}")
