@@ -15,7 +15,8 @@ def smoke_overrides(cfg) -> list[str]:
     return [f"backbone={tiny}", f"data={cfg.data.name}_sample", "trainer=cpu", "trainer.enable_progress_bar=false",
             "trainer.max_steps=2", "trainer.max_epochs=1", "trainer.limit_val_batches=2",
             "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=1", "val_generation.max_inputs=2",
-            "test_max_inputs=3", "decoding.max_new_tokens=8", "decoding.min_new_tokens=1", "prefix.mid_dim=16"]
+            "test_max_inputs=3", "decoding.max_new_tokens=8", "decoding.min_new_tokens=1"] + (
+                ["prefix.mid_dim=16"] if cfg.prefix.kind == "reparam" else [])
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -33,4 +34,23 @@ def test_experiment_smoke_run(tmp_path, name):
     metrics = train(cfg)
     assert metrics["trainable_params"] > 0
     assert any(k.startswith("test/") for k in metrics), metrics
+    assert (tmp_path / "predictions_test.txt").read_text().count("\n") == 3
+
+
+def _rows(name: str) -> list[str]:
+    params = OmegaConf.load(ROOT / "conf" / "experiment" / f"{name}.yaml").get("hydra", {}).get("sweeper", {})
+    rows = (params.get("params") or {}).get("row")
+    return [r.strip() for r in str(rows).split(",")] if rows else []
+
+
+ROWS = [(name, row) for name in EXPERIMENTS for row in _rows(name)]
+
+
+@pytest.mark.parametrize("name,row", ROWS, ids=[f"{n}-{r}" for n, r in ROWS])
+def test_every_row_of_every_experiment_smoke_runs(tmp_path, name, row):
+    """The baselines of each table: each swept row trains, tests and reports its trainable share."""
+    base = compose_cfg([f"experiment={name}", f"row={row}"], tmp_path / "compose")
+    cfg = compose_cfg([f"experiment={name}", f"row={row}", *smoke_overrides(base)], tmp_path)
+    metrics = train(cfg)
+    assert metrics["method"] == cfg.method.kind and metrics["trainable_params"] > 0
     assert (tmp_path / "predictions_test.txt").read_text().count("\n") == 3

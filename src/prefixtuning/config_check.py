@@ -116,6 +116,7 @@ def _schema() -> dict[str, Spec]:
 # keys only the selected kind reads
 KIND_KEYS = {"prefix.mid_dim": ("prefix.kind", ("reparam",)), "prefix.gate_init_std": ("prefix.kind", ("apt",)),
              "prefix.gate_bias_init": ("prefix.kind", ("apt",)),
+             "prefix.dropout": ("prefix.kind", ("static", "reparam", "apt")),
              "init.text": ("init.kind", ("task_words", "irrelevant_words")), "init.std": ("init.kind", ("random",)),
              "method.layers": ("method.kind", ("finetune_top2",)),
              **{f"method.{k}": ("method.kind", ("adapter",)) for k in ("share", "bottleneck", "activation")},

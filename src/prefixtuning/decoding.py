@@ -76,13 +76,20 @@ def decode(model: PrefixTuningModel, prompts: Sequence[list[int]], cfg, batch_si
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+    gated = getattr(getattr(model.method, "prefix", None), "gated", False)
+    gates: dict = {}
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids, mask = pad_prompts([prompts[i] for i in idx], tok.pad_token_id, model.backbone.is_encoder_decoder)
         gen = model.generate(ids.to(device), mask.to(device), **kw)
         for r, i in enumerate(idx):
             out[i] = tok.decode(gen[r], skip_special_tokens=True).strip()
+        if gated:  # put each example's gates back at its input position
+            for key, g in model.prefix.last_token_gates.items():
+                gates.setdefault(key, g.new_empty(len(prompts), g.shape[1]))[torch.tensor(idx)] = g
         bar.update(len(idx))
     bar.close()
+    if gated:  # the gates left on the model are those of every input, in the caller's order
+        model.prefix.last_token_gates = gates
     model.train(was_training)
     return out

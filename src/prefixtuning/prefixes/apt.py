@@ -1,13 +1,21 @@
 """Adaptive Prefix Tuning (Zhang et al., ACL 2023): a static prefix rescaled per layer and per token.
 
-For layer i of a site, with h the hidden states entering that layer's attention, pooled (mean) over the
-source tokens: token gate alpha_i = sigmoid(pool(h) W_i + b_i) in (0, 1)^P and a learned layer scale
-lambda_i; the prefix keys and values become lambda_i * alpha_i * P_k and lambda_i * alpha_i * P_v.
+For layer i of a site: token gate alpha_i = sigmoid(pool(h_{i-1}) W_i + b_i) in (0, 1)^P and a learned layer
+scale lambda_i; the prefix keys and values become lambda_i * alpha_i * P_k and lambda_i * alpha_i * P_v.
 
-Where the source is: decoder-only backbones pool over the prompt (source) tokens of the layer input, so
-training and generation see the same gate; the encoder of an encoder-decoder pools over its input; its
-decoder self- and cross-attention gates pool the encoder output (the decoder's own tokens are target).
-The gate is computed once per forward/`generate` call (at prefill) and kept for every decoding step.
+Choices the paper leaves open, or where this implementation differs from it (also in the README):
+- Step 0 is the static prefix it wraps: W_i = 0 (`gate_init_std=0.0`), b_i = `gate_bias_init` (0) and
+  lambda_i = 1 / sigmoid(b_i) (2), so lambda_i * alpha_i = 1 exactly and a task-words initialization is
+  kept as it is. (A random W_i, `gate_init_std > 0`, starts only approximately there.)
+- Which hidden state is pooled, and how: h_{i-1} is the input of layer i's attention as the attention
+  module receives it (after the layer's input norm), averaged with a mask over the source tokens only:
+  decoder-only backbones pool the prompt (source) part of the sequence, so training and generation see the
+  same gate; an encoder pools its input; the decoder self-attention and cross-attention gates of an
+  encoder-decoder pool the encoder output (the decoder's own tokens are the target).
+- One gate per prefix position, shared by keys and values (the paper's Eq. gates the prefix as a whole).
+- Generation: the gate is computed once per `generate` call, at prefill over the source, and kept for every
+  decoding step and every beam of an example.
+- Prefix dropout (`prefix.dropout`, P-Tuning v2 uses 0.1) is available for every prefix kind.
 """
 
 from __future__ import annotations
@@ -23,22 +31,25 @@ from .static import StaticPrefix
 class APTPrefix(StaticPrefix):
     gated = True
 
-    def __init__(self, geometry, length: int, sites=None, gate_init_std: float = 0.02):
-        super().__init__(geometry, length, sites)
+    def __init__(self, geometry, length: int, sites=None, gate_init_std: float = 0.0, gate_bias_init: float = 0.0,
+                 dropout: float = 0.0):
+        super().__init__(geometry, length, sites, dropout=dropout)
         d = geometry.hidden_size
         self.gate_weight = nn.ParameterDict()
         self.gate_bias = nn.ParameterDict()
         self.layer_scale = nn.ParameterDict()
         self.gate_init_std = float(gate_init_std)
+        self.gate_bias_init = float(gate_bias_init)
+        lam = 1.0 / torch.sigmoid(torch.tensor(self.gate_bias_init)).item()  # lambda_i * sigmoid(b_i) = 1
         for s in self.sites:
             L = geometry.sites[s].n_layers
             self.gate_weight[s] = nn.Parameter(torch.randn(L, d, self.length) * self.gate_init_std)  # W_i
-            self.gate_bias[s] = nn.Parameter(torch.zeros(L, self.length))
-            self.layer_scale[s] = nn.Parameter(torch.ones(L))  # lambda_i
+            self.gate_bias[s] = nn.Parameter(torch.full((L, self.length), self.gate_bias_init))  # b_i
+            self.layer_scale[s] = nn.Parameter(torch.full((L,), lam))  # lambda_i
         self.last_token_gates: dict[tuple[str, int], Tensor] = {}
 
     def extra_config(self) -> dict:
-        return {"gate_init_std": self.gate_init_std}
+        return {"gate_init_std": self.gate_init_std, "gate_bias_init": self.gate_bias_init}
 
     def gate(self, site: str, layer: int, pooled: Tensor) -> Tensor:
         """(B, d) pooled layer input -> (B, P) scale lambda_i * alpha_i."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbone import Geometry
@@ -32,8 +33,13 @@ class Prefix(nn.Module):
     kind = "base"
     gated = False
 
-    def __init__(self, geometry: Geometry, length: int, sites: Iterable[str] | None = None):
+    def __init__(self, geometry: Geometry, length: int, sites: Iterable[str] | None = None, dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"prefix.dropout must be in [0, 1), got {dropout}")
+        # dropout on the prefix keys and values during training (P-Tuning v2 uses 0.1); a training setting,
+        # not part of the prefix's identity
+        self.dropout = float(dropout)
         if length < 1:
             raise ValueError(f"prefix.length must be at least 1, got {length}")
         self.geometry = geometry
@@ -57,8 +63,10 @@ class Prefix(nn.Module):
         raise NotImplementedError
 
     def state(self, source_mask: Tensor | None = None) -> PrefixState:
-        return PrefixState(kv=self.key_values(), gate_fn=self.gate if self.gated else None,
-                           source_mask=source_mask)
+        kv = self.key_values()
+        if self.training and self.dropout > 0:
+            kv = {s: (F.dropout(k, self.dropout, True), F.dropout(v, self.dropout, True)) for s, (k, v) in kv.items()}
+        return PrefixState(kv=kv, gate_fn=self.gate if self.gated else None, source_mask=source_mask)
 
     def gate(self, site: str, layer: int, pooled: Tensor) -> Tensor:
         raise NotImplementedError

@@ -13,8 +13,8 @@ from .static import StaticPrefix
 
 @register_prefix("reparam")
 class ReparamPrefix(Prefix):
-    def __init__(self, geometry, length: int, sites=None, mid_dim: int = 512):
-        super().__init__(geometry, length, sites)
+    def __init__(self, geometry, length: int, sites=None, mid_dim: int = 512, dropout: float = 0.0):
+        super().__init__(geometry, length, sites, dropout=dropout)
         self.mid_dim = int(mid_dim)
         d = geometry.hidden_size
         self.embeddings = nn.ParameterDict()

@@ -11,8 +11,8 @@ from .base import Prefix, fit_error, register_prefix
 
 @register_prefix("static")
 class StaticPrefix(Prefix):
-    def __init__(self, geometry, length: int, sites=None):
-        super().__init__(geometry, length, sites)
+    def __init__(self, geometry, length: int, sites=None, dropout: float = 0.0):
+        super().__init__(geometry, length, sites, dropout=dropout)
         self.keys = nn.ParameterDict()
         self.values = nn.ParameterDict()
         for s in self.sites:

@@ -1,0 +1,129 @@
+"""APT's probe: the token gates of a trained APT prefix over a split, as a layer x prefix-token heatmap.
+
+    python -m prefixtuning.gates ckpt=<checkpoint or export dir> split=dev [out=DIR] [max_inputs=N]
+                                 [per_example=true] [batch_size=16]
+
+Writes, in `out` (default: the checkpoint's run folder, or the export dir):
+  gates_<split>.csv              site, layer, token, mean gate alpha, std over examples, layer scale lambda
+  gates_<split>.png              heatmap of the mean alpha (rows: layers, columns: prefix tokens), per site
+  gates_<split>_examples.jsonl   with per_example=true: one line per input, in the split's order
+
+Gates depend only on the source (they pool the layer input over the source tokens), so they are computed by
+a forward pass over each input's prompt, the same prefill that generation runs; no decoding is needed.
+Batching sorts inputs by length; the gates are put back in input order.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .decoding import pad_prompts
+
+
+@torch.no_grad()
+def probe_gates(model, prompts: list[list[int]], batch_size: int = 16) -> dict[tuple[str, int], torch.Tensor]:
+    """(site, layer) -> (N, P) token gates alpha of every prompt, in the order given."""
+    prefix = getattr(model.method, "prefix", None)
+    if prefix is None or not prefix.gated:
+        kind = prefix.kind if prefix is not None else f"method={model.method.kind}"
+        raise ValueError(f"the gate probe needs an APT prefix (prefix=apt); this model has {kind}")
+    model.eval()
+    tok = model.backbone.tokenizer
+    device = next(model.backbone.model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: dict[tuple[str, int], torch.Tensor] = {}
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = pad_prompts([prompts[i] for i in idx], tok.pad_token_id, model.backbone.is_encoder_decoder)
+        ids, mask = ids.to(device), mask.to(device)
+        kw = {}
+        if model.backbone.is_encoder_decoder:
+            start_id = model.backbone.model.config.decoder_start_token_id
+            kw["decoder_input_ids"] = torch.full((len(idx), 1), start_id, device=device)
+        model(ids, mask, **kw)
+        for key, g in prefix.last_token_gates.items():
+            out.setdefault(key, g.new_empty(len(prompts), g.shape[1]))[torch.tensor(idx, device=g.device)] = g.float()
+    return out
+
+
+def write_gate_report(gates, prefix, out_dir: Path, split: str, per_example: bool = False) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sites = sorted({s for s, _ in gates}, key=["encoder", "decoder", "cross"].index)
+    paths = {"csv": out_dir / f"gates_{split}.csv", "png": out_dir / f"gates_{split}.png"}
+    with open(paths["csv"], "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["site", "layer", "token", "mean_gate", "std_gate", "layer_scale", "n"])
+        for s in sites:
+            scales = prefix.layer_scales(s)
+            for layer in range(prefix.geometry.sites[s].n_layers):
+                g = gates[(s, layer)]
+                for t in range(g.shape[1]):
+                    w.writerow([s, layer, t, f"{g[:, t].mean().item():.6f}", f"{g[:, t].std(unbiased=False).item():.6f}",
+                                f"{scales[layer].item():.6f}", g.shape[0]])
+    fig, axes = plt.subplots(1, len(sites), figsize=(2.2 + 0.45 * prefix.length * len(sites), 0.35 * max(
+        prefix.geometry.sites[s].n_layers for s in sites) + 1.8), squeeze=False)
+    for ax, s in zip(axes[0], sites):
+        L = prefix.geometry.sites[s].n_layers
+        mean = torch.stack([gates[(s, i)].mean(0) for i in range(L)]).cpu().numpy()  # (L, P)
+        im = ax.imshow(mean, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, origin="lower")
+        ax.set_title(f"{s}: mean gate over {gates[(s, 0)].shape[0]} inputs ({split})", fontsize=9)
+        ax.set_xlabel("prefix token")
+        ax.set_ylabel("layer")
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    fig.savefig(paths["png"], dpi=120)
+    plt.close(fig)
+    if per_example:
+        paths["jsonl"] = out_dir / f"gates_{split}_examples.jsonl"
+        n = next(iter(gates.values())).shape[0]
+        with open(paths["jsonl"], "w") as fh:
+            for i in range(n):
+                row = {f"{s}.{layer}": [round(x, 6) for x in gates[(s, layer)][i].tolist()] for s, layer in gates}
+                fh.write(json.dumps({"index": i, "gates": row}) + "\n")
+    return paths
+
+
+def main(argv=None) -> int:
+    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
+    unknown = set(args) - {"ckpt", "split", "out", "max_inputs", "per_example", "batch_size"}
+    if unknown or "ckpt" not in args:
+        print(f"usage: python -m prefixtuning.gates ckpt=PATH [split=dev] [out=DIR] [max_inputs=N] "
+              f"[per_example=true] [batch_size=16]" + (f"; unknown: {sorted(unknown)}" if unknown else ""),
+              file=sys.stderr)
+        return 2
+    from .checkpoint import load_trained
+    from .data.datamodule import PrefixDataModule
+
+    ckpt = Path(args["ckpt"])
+    split = args.get("split", "dev")
+    model, run_cfg = load_trained(ckpt)
+    dm = PrefixDataModule(run_cfg.data, model.backbone.tokenizer, model.backbone.is_encoder_decoder,
+                          seed=run_cfg.get("seed", 0), lowres=run_cfg.get("lowres"), split=run_cfg.get("extrapolation"))
+    groups = dm.eval_groups(split)
+    if args.get("max_inputs"):
+        groups = groups[: int(args["max_inputs"])]
+    prompts = [dm.featurizer.prompt_ids(g.source) for g in groups]
+    try:
+        gates = probe_gates(model, prompts, int(args.get("batch_size", 16)))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    default_out = ckpt if ckpt.is_dir() else ckpt.parent.parent
+    paths = write_gate_report(gates, model.prefix, Path(args.get("out", default_out)), split,
+                              args.get("per_example", "false").lower() in ("1", "true", "yes"))
+    print(f"[gates] {len(prompts)} {split} inputs -> " + ", ".join(str(p) for p in paths.values()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
