@@ -302,3 +302,41 @@ def test_every_method_is_registered_with_a_config():
     from conftest import ROOT
 
     assert set(METHODS) == set(METHOD_NAMES) == {p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")}
+
+
+def test_gate_probe_cli_writes_the_heatmap_and_csv(tmp_path):
+    """`python -m prefixtuning.gates ckpt=... split=dev` as a user types it, on a trained APT checkpoint."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from prefixtuning.checkpoint import load_trained
+    from prefixtuning.data.datamodule import PrefixDataModule
+    from prefixtuning.gates import probe_gates
+
+    train(compose_cfg(SMALL + ["prefix=apt", "data.epochs=1"], tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "prefixtuning.gates", f"ckpt={ckpt}", "split=dev", "max_inputs=6",
+                           "per_example=true", f"out={tmp_path / 'gates'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "gates" / "gates_dev.csv")))
+    model, cfg = load_trained(ckpt)
+    L, P = model.backbone.geometry.sites["decoder"].n_layers, model.prefix.length
+    assert len(rows) == L * P and {r["n"] for r in rows} == {"6"}
+    dm = PrefixDataModule(cfg.data, model.backbone.tokenizer, False)
+    gates = probe_gates(model, [dm.featurizer.prompt_ids(g.source) for g in dm.eval_groups("dev")[:6]])
+    for r in rows:
+        assert abs(float(r["mean_gate"]) - gates[("decoder", int(r["layer"]))][:, int(r["token"])].mean().item()) < 1e-6
+    assert (tmp_path / "gates" / "gates_dev.png").stat().st_size > 1000
+    examples = [json.loads(l) for l in (tmp_path / "gates" / "gates_dev_examples.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in examples] == list(range(6))
+    # a model without gates: a sentence, exit status 2
+    train(compose_cfg(SMALL + ["data.epochs=1"], tmp_path / "static"))
+    proc = subprocess.run([sys.executable, "-m", "prefixtuning.gates",
+                           f"ckpt={tmp_path / 'static' / 'checkpoints' / 'last.ckpt'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "needs an APT prefix (prefix=apt); this model has static" in proc.stderr

@@ -77,6 +77,8 @@ def write_gate_report(gates, prefix, out_dir: Path, split: str, per_example: boo
         mean = torch.stack([gates[(s, i)].mean(0) for i in range(L)]).cpu().numpy()  # (L, P)
         im = ax.imshow(mean, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, origin="lower")
         ax.set_title(f"{s}: mean gate over {gates[(s, 0)].shape[0]} inputs ({split})", fontsize=9)
+        ax.set_xticks(range(mean.shape[1]))
+        ax.set_yticks(range(L))
         ax.set_xlabel("prefix token")
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax, fraction=0.05)
