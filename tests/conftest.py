@@ -49,7 +49,7 @@ def tiny_overrides(overrides: list[str]) -> list[str]:
     other_data = "data" in keys
     return [f"{k}={v}" for k, v in TINY_RECIPE.items()
             if k not in keys and not (other_data and k.startswith("data."))
-            and not (k == "init" and "method" in keys)]  # a method's own config decides whether init applies
+            and not (k == "init" and keys & {"method", "row"})]  # the method decides whether init applies
 
 
 def compose_cfg(overrides: list[str], output_dir, config_name: str = "train", tiny: bool = True):

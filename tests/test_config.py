@@ -17,8 +17,9 @@ from prefixtuning.training import build_logger, build_model, build_trainer, load
 CONF = ROOT / "conf"
 
 
-def options(group):
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+def options(group, with_none: bool = False):
+    """The options of a config group; `none` (selected by methods that do not read the group) on request."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if with_none or p.stem != "none")
 
 
 TINY = [b for b in options("backbone") if b.startswith("tiny-")]
@@ -118,7 +119,7 @@ def test_geometry_of_real_families():
 # ---------------------------------------------------------------- every value checked before any model loads
 
 ALL_OPTIONS = [(g, o) for g in ("backbone", "prefix", "init", "decoding", "data", "lowres", "extrapolation",
-                                "trainer", "logger", "experiment", "debug") for o in options(g)]
+                                "trainer", "logger", "experiment", "debug", "method", "row") for o in options(g)]
 
 
 @pytest.mark.parametrize("group,option", ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
@@ -147,3 +148,16 @@ def test_bad_values_and_unread_keys_fail_before_any_model_loads(tmp_path, overri
         training.train(compose_cfg([override], tmp_path / "run"))
     assert message in str(err.value)
     assert not (tmp_path / "run").exists()  # nothing written either
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["prefix=none"], "method=prefix needs the prefix/ group, but prefix=none"),
+    (["method=lora", "prefix=apt"], "method=lora does not read the prefix/ group, but prefix=apt was set"),
+    (["method=finetune", "init=task_words"], "method=finetune does not read the init/ group"),
+    (["method=lora", "+method.layers=2"], "config key method.layers is read only when method.kind is finetune_top2"),
+    (["method=adapter", "method.share=2.0"], "method.share=2.0 is above its maximum 1"),
+])
+def test_method_groups_are_checked(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        check_train_config(compose_cfg(overrides, tmp_path))
+    assert message in str(err.value)

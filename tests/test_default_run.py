@@ -36,6 +36,9 @@ def _check_run(out_dir, stdout, n_test):
         assert f"[test {i}] input:      name : " in stdout and f"[test {i}] prediction: " in stdout
     preds = (out_dir / "predictions_test.txt").read_text().splitlines()
     assert len(preds) == n_test and all(preds)
+    readable = [json.loads(line) for line in (out_dir / "predictions_test.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in readable] == preds
+    assert all(r["input"].startswith("name : ") and r["references"] for r in readable)
     return metrics, preds
 
 

@@ -66,6 +66,7 @@ def test_apt_gate_scales_the_prefix_exactly():
     with torch.no_grad():
         m.prefix.gate_weight["decoder"].zero_()
         m.prefix.gate_bias["decoder"].fill_(50.0)  # sigmoid(50) == 1 in fp32
+        m.prefix.layer_scale["decoder"].fill_(1.0)
         gated = m(ids, mask, source_mask=mask).logits
         m.prefix.layer_scale["decoder"].fill_(0.5)
         halved = m(ids, mask, source_mask=mask).logits

@@ -104,7 +104,10 @@ def test_ckpt_path_last_without_a_checkpoint_is_an_error_and_touches_nothing(tmp
 
 def test_resume_restores_the_runs_own_settings_refuses_changes_and_keeps_logs(tmp_path):
     run = tmp_path / "run"
-    cli(CLI_TINY + ["data.epochs=1", f"hydra.run.dir={run}"])
+    first = cli(CLI_TINY + ["data.epochs=1", f"hydra.run.dir={run}"])
+    console = first.stdout + first.stderr
+    assert console.count("GPU available") == 1, "each Lightning log line is printed once"
+    assert (run / "train.log").read_text().count("GPU available") == 1  # and kept once in the run's log
     overrides = (run / ".hydra" / "overrides.yaml").read_text()
     csv_before = (run / "csv" / "metrics.csv").read_text().splitlines()
     # the README's command, without the original overrides: resumes the run as it was configured

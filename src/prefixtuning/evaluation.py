@@ -1,7 +1,8 @@
 """Decode a split with a trained prefix and score it with the task's official metrics.
 
 `evaluate_model` is the one code path for the test at the end of train.py and for evaluate.py; it
-writes, in `out_dir`: predictions_<split>.txt (one output per input, official order),
+writes, in `out_dir`: predictions_<split>.txt (one output per input, official order), predictions_<split>.jsonl
+(input, prediction and references per line, for reading),
 references_<split>.txt (the official scorer's format) and returns the metrics.
 """
 
@@ -53,6 +54,10 @@ def evaluate_model(model, dm: PrefixDataModule, split: str, decoding_cfg, out_di
     hyps = decode(model, prompts, decoding_cfg, batch_size=batch_size, progress=progress, desc=f"decoding {split}")
     hyps = [" ".join(h.split("\n")) for h in hyps]  # one output per line, whatever the decoder produced
     (out_dir / f"predictions_{split}.txt").write_text("\n".join(hyps) + "\n", encoding="utf-8")
+    with open(out_dir / f"predictions_{split}.jsonl", "w", encoding="utf-8") as fh:  # for a person to read
+        for i, (g, h) in enumerate(zip(groups, hyps)):
+            fh.write(json.dumps({"index": i, "input": g.source, "prediction": h, "references": list(g.references)},
+                                ensure_ascii=False) + "\n")
     print_examples(groups, hyps, show_examples, split)
     dm.dataset.write_references(groups, out_dir / f"references_{split}.txt")
     result = dm.dataset.score(groups, hyps)

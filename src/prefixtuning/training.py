@@ -109,8 +109,30 @@ def build_trainer(cfg, output_dir: Path, callbacks=()) -> L.Trainer:
                      plugins=[SafeCheckpointIO()], **tcfg)
 
 
+def single_console_logging() -> None:
+    """Lightning prints through its own console handler and also propagates to the root logger, where
+    Hydra's handler prints the same line again. Under Hydra (root handlers present) keep Hydra's: one line
+    on the console, and the same line in the run's train.log."""
+    if not logging.getLogger().handlers:
+        return
+
+    def console(h):
+        return isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+
+    for name, lg in list(logging.Logger.manager.loggerDict.items()):
+        if not isinstance(lg, logging.Logger) or not any(console(h) for h in lg.handlers):
+            continue
+        lightning = name.split(".")[0] == "lightning"
+        if lightning or lg.propagate:  # the root's handler prints these already (or will, for Lightning's)
+            for h in [h for h in lg.handlers if console(h)]:
+                lg.removeHandler(h)
+            if lightning:
+                lg.propagate = True  # Lightning turns propagation off when it installs its own handler
+
+
 def train(cfg: DictConfig, callbacks=()) -> dict:
     """Run one training job; `callbacks` are extra Lightning callbacks (tests, notebooks)."""
+    single_console_logging()
     check_train_config(cfg)  # types, ranges and unread keys, before any model is loaded
     output_dir = Path(cfg.paths.output_dir)
     resume_from = checkpoint_to_resume(cfg, output_dir)  # checked before the run folder is written to
@@ -192,4 +214,11 @@ def run_test_split(cfg, module: PrefixTuningModule, data: PrefixDataModule, best
                             progress=bool(cfg.trainer.get("enable_progress_bar", True)),
                             max_inputs=cfg.get("test_max_inputs"), show_examples=cfg.get("show_examples", 3))
     print(f"[test] {split} ({'best checkpoint' if best else 'final weights'}):\n" + format_table(result), flush=True)
+    prefix = getattr(module.model.method, "prefix", None)
+    if prefix is not None and prefix.gated:  # APT's probe on the test inputs: gates_<split>.csv / .png
+        from .gates import probe_gates, write_gate_report
+
+        groups = data.eval_groups(split)[: cfg.get("test_max_inputs") or None]
+        gates = probe_gates(module.model, [data.featurizer.prompt_ids(g.source) for g in groups])
+        write_gate_report(gates, prefix, output_dir, split)
     return {f"test/{k}": v for k, v in result.items()}

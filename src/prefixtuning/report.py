@@ -1,0 +1,290 @@
+"""Turn a sweep into the paper's tables and figures.
+
+    python -m prefixtuning.report <multirun dir | run dirs...> [--out DIR]
+
+One row per job, read from its `metrics.json` and its Hydra overrides (`.hydra/overrides.yaml`). The keys
+whose values differ between jobs are the swept keys; `seed` and `lowres.sample` are replicates: jobs that
+differ only in those are one group, reported as mean ± std (population std over the n jobs) with n.
+A job without `metrics.json` (failed, killed or still running) is listed as such in every output, never
+dropped. Writes to `--out` (default `<first dir>/report`):
+
+  jobs.csv       every job: folder, status, swept values, every numeric metric
+  summary.csv    every group: swept values, n, mean and std of every metric
+  summary.md     the table (paper layout when the sweep has one: rows x datasets x metrics for a `row`
+                 sweep, seen / unseen / all columns for WebNLG-style subsets), then jobs without results
+  *.png          figures where the sweep has them: metric vs training size (one line per method, error
+                 bars = std), metric vs prefix length, initialization strategies, APT gate heatmaps
+
+Experiment files run this at the end of their multirun (`ReportCallback`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
+REPLICATES = ("seed", "lowres.sample")
+# the task metric a figure plots, in order of preference
+MAIN_METRICS = ("test/BLEU", "test/all/BLEU", "test/ROUGE-L", "test/ROUGE-2", "val/BLEU", "val/loss")
+
+
+@dataclass
+class Job:
+    folder: Path
+    overrides: dict[str, str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    status: str = "ok"
+
+
+def _overrides(folder: Path) -> dict[str, str]:
+    f = folder / ".hydra" / "overrides.yaml"
+    if not f.is_file():
+        return {}
+    out = {}
+    for o in OmegaConf.load(f):
+        k, _, v = str(o).partition("=")
+        out[k.lstrip("+~")] = v
+    return out
+
+
+def find_jobs(paths: list[Path]) -> list[Job]:
+    """Job folders: each given run folder, or every job folder (with .hydra/) under a multirun folder."""
+    folders: list[Path] = []
+    for p in paths:
+        if (p / ".hydra").is_dir() or (p / "metrics.json").is_file():
+            folders.append(p)
+        else:
+            found = sorted((q.parent for q in p.glob("*/.hydra")), key=lambda q: (len(q.name), q.name))
+            if not found:
+                raise SystemExit(f"error: {p} holds no runs (no .hydra/ or metrics.json in it or its subfolders)")
+            folders += found
+    jobs = []
+    for f in folders:
+        job = Job(f, _overrides(f))
+        m = f / "metrics.json"
+        if not m.is_file():
+            job.status = "no metrics.json (failed, killed or unfinished)"
+        else:
+            try:
+                data = json.loads(m.read_text())
+                job.metrics = {k: float(v) for k, v in data.items()
+                               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+            except (json.JSONDecodeError, ValueError) as err:
+                job.status = f"unreadable metrics.json ({err})"
+        jobs.append(job)
+    return jobs
+
+
+def swept_keys(jobs: list[Job]) -> list[str]:
+    keys = sorted({k for j in jobs for k in j.overrides})
+    return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1 and not k.startswith("hydra.")]
+
+
+def group(jobs: list[Job], keys: list[str]) -> list[dict]:
+    """Groups of finished jobs over the non-replicate swept keys: {key: value, 'n', metric: (mean, std)}."""
+    by = [k for k in keys if k not in REPLICATES]
+    groups: dict[tuple, list[Job]] = {}
+    for j in jobs:
+        if j.status == "ok":
+            groups.setdefault(tuple(j.overrides.get(k, "") for k in by), []).append(j)
+    out = []
+    for values, members in groups.items():
+        row = dict(zip(by, values))
+        row["n"] = len(members)
+        for m in sorted({m for j in members for m in j.metrics}):
+            xs = [j.metrics[m] for j in members if m in j.metrics]
+            mean = sum(xs) / len(xs)
+            row[m] = (mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs)), len(xs))
+        out.append(row)
+    return sorted(out, key=lambda r: [_sort_key(r[k]) for k in by])
+
+
+def _sort_key(v: str):
+    try:
+        return (0, float(v), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(v))
+
+
+def _fmt(cell) -> str:
+    if isinstance(cell, tuple):
+        mean, std, n = cell
+        return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
+    return str(cell)
+
+
+def table_metrics(rows: list[dict]) -> list[str]:
+    names = sorted({k for r in rows for k, v in r.items() if isinstance(v, tuple)})
+    tests = [m for m in names if m.startswith("test/") and not m.endswith(("/inputs", "/split"))]
+    return tests or [m for m in names if m.startswith("val/")]
+
+
+def markdown(rows: list[dict], keys: list[str], jobs: list[Job]) -> str:
+    by = [k for k in keys if k not in REPLICATES]
+    metrics = table_metrics(rows)
+    lines = []
+    if "row" in by and len(by) > 1:  # the paper's layout: methods x (other swept values) x metrics
+        cols = [k for k in by if k != "row"]
+        combos = sorted({tuple(r[c] for c in cols) for r in rows}, key=lambda t: [_sort_key(x) for x in t])
+        head = ["row"] + [f"{'/'.join(c)} {m.removeprefix('test/')}" for c in combos for m in metrics]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method in sorted({r["row"] for r in rows}):
+            cells = [method]
+            for c in combos:
+                match = [r for r in rows if r["row"] == method and tuple(r[k] for k in cols) == c]
+                cells += [_fmt(match[0].get(m, "")) if match else "" for m in metrics]
+            lines.append("| " + " | ".join(cells) + " |")
+    else:
+        head = by + ["n"] + [m.removeprefix("test/") for m in metrics]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            lines.append("| " + " | ".join([str(r[k]) for k in by] + [str(r["n"])] + [_fmt(r.get(m, "")) for m in metrics]) + " |")
+    reps = [k for k in keys if k in REPLICATES]
+    note = (f"\nMean ± std (population) over {', '.join(reps)}; n = jobs per cell." if reps else
+            "\nOne job per cell.")
+    missing = [j for j in jobs if j.status != "ok"]
+    if missing:
+        note += "\n\nJobs without results (not in the table):\n" + "\n".join(
+            f"- {j.folder}: {j.status} ({' '.join(f'{k}={v}' for k, v in j.overrides.items())})" for j in missing)
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+def main_metric(rows: list[dict]) -> str | None:
+    names = {k for r in rows for k, v in r.items() if isinstance(v, tuple)}
+    return next((m for m in MAIN_METRICS if m in names), None)
+
+
+def series(rows: list[dict], x_key: str, line_key: str | None, metric: str) -> dict[str, tuple[list, list, list]]:
+    """line -> (x values, means, stds), x sorted numerically: the data a figure plots."""
+    out: dict[str, tuple[list, list, list]] = {}
+    for r in sorted(rows, key=lambda r: _sort_key(r[x_key])):
+        if metric not in r:
+            continue
+        line = str(r.get(line_key, metric)) if line_key else metric
+        xs, ms, ss = out.setdefault(line, ([], [], []))
+        xs.append(float(r[x_key]) if _sort_key(r[x_key])[0] == 0 else r[x_key])
+        ms.append(r[metric][0])
+        ss.append(r[metric][1])
+    return out
+
+
+def figures(rows: list[dict], keys: list[str], jobs: list[Job], out: Path, metric: str | None = None
+            ) -> dict[str, dict]:
+    """Write the figures the sweep has; returns name -> the plotted series (for tests and notebooks)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = metric or main_metric(rows)
+    made: dict[str, dict] = {}
+    by = [k for k in keys if k not in REPLICATES]
+    line_key = "row" if "row" in by else ("method" if "method" in by else None)
+    plots = [("lowdata", "lowres.size", "training examples", "log"),
+             ("prefix_length", "prefix.length", "prefix length", "linear"),
+             ("prefix_length", "data.prefix_length", "prefix length", "linear")]
+    for name, x_key, label, scale in plots:
+        if metric is None or x_key not in by or name in made:
+            continue
+        data = series(rows, x_key, line_key, metric)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for line, (xs, ms, ss) in data.items():
+            ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=line)
+        ax.set_xscale(scale)
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric)
+        if line_key:
+            ax.legend(title=line_key)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=120)
+        plt.close(fig)
+        made[name] = data
+    if metric is not None and "init" in by:
+        data = series(rows, "init", None, metric)
+        xs, ms, ss = data[metric]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.bar(range(len(xs)), ms, yerr=ss, capsize=4)
+        ax.set_xticks(range(len(xs)), xs)
+        ax.set_ylabel(metric)
+        ax.set_xlabel("initialization")
+        fig.tight_layout()
+        fig.savefig(out / "init.png", dpi=120)
+        plt.close(fig)
+        made["init"] = data
+    for j in jobs:  # APT runs write their gate heatmap after the test split; collected here per job
+        png = j.folder / "gates_test.png"
+        if png.is_file():
+            (out / f"gates_{j.folder.name}.png").write_bytes(png.read_bytes())
+            made.setdefault("gates", {})[str(j.folder)] = str(out / f"gates_{j.folder.name}.png")
+    return made
+
+
+def report(paths: list[Path], out: Path | None = None, metric: str | None = None) -> dict:
+    jobs = find_jobs(paths)
+    keys = swept_keys(jobs)
+    rows = group(jobs, keys)
+    out = out or paths[0] / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    metric_names = sorted({m for j in jobs for m in j.metrics})
+    with open(out / "jobs.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["folder", "status", *keys, *metric_names])
+        for j in jobs:
+            w.writerow([j.folder, j.status, *(j.overrides.get(k, "") for k in keys),
+                        *(j.metrics.get(m, "") for m in metric_names)])
+    by = [k for k in keys if k not in REPLICATES]
+    stats = sorted({k for r in rows for k, v in r.items() if isinstance(v, tuple)})
+    with open(out / "summary.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([*by, "n", *(f"{m} {s}" for m in stats for s in ("mean", "std"))])
+        for r in rows:
+            w.writerow([*(r[k] for k in by), r["n"], *(x for m in stats for x in (r[m][:2] if m in r else ("", "")))])
+    (out / "summary.md").write_text(markdown(rows, keys, jobs))
+    made = figures(rows, keys, jobs, out, metric)
+    return {"out": out, "jobs": jobs, "swept": keys, "rows": rows, "figures": made}
+
+
+class ReportCallback(Callback):
+    """Hydra callback: `hydra.callbacks.report._target_=prefixtuning.report.ReportCallback` runs the report
+    on the sweep folder when a multirun ends and prints where the tables and figures are."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        try:
+            r = report([sweep])
+        except SystemExit as err:
+            print(f"[report] {err}", flush=True)
+            return
+        failed = sum(j.status != "ok" for j in r["jobs"])
+        print(f"[report] {len(r['jobs'])} jobs ({failed} without results) -> {r['out'] / 'summary.md'}, "
+              f"{r['out'] / 'summary.csv'}" + "".join(f", {r['out'] / n}.png" for n in r["figures"] if n != "gates"),
+              flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m prefixtuning.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("paths", nargs="+", type=Path, help="a multirun folder, or run folders")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--metric", default=None, help=f"the metric the figures plot (default: the first of "
+                                                   f"{', '.join(MAIN_METRICS)} the jobs have)")
+    args = ap.parse_args(argv)
+    r = report(args.paths, args.out, args.metric)
+    missing = [j for j in r["jobs"] if j.status != "ok"]
+    print(f"[report] {len(r['jobs'])} jobs, swept {', '.join(r['swept']) or 'nothing'}; {len(r['rows'])} groups -> "
+          f"{r['out']}", flush=True)
+    for j in missing:
+        print(f"[report] without results: {j.folder}: {j.status}", flush=True)
+    print((r["out"] / "summary.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
