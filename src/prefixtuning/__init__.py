@@ -1,4 +1,20 @@
-"""Prefix-tuning of frozen language models (Li & Liang 2021) and Adaptive Prefix Tuning (Zhang et al. 2023)."""
+"""Prefix-tuning of frozen language models (Li & Liang 2021) and Adaptive Prefix Tuning (Zhang et al. 2023).
+
+    from prefixtuning import PrefixTuned
+    model = PrefixTuned.from_pretrained("exports/e2e")          # an export dir or a train.py checkpoint
+    model.generate([{"name": "Blue Spice", "eatType": "pub"}], num_beams=5)
+    model.save_pretrained("exports/e2e-copy")
+"""
+
+__all__ = ["PrefixTuned"]
+
+
+def __getattr__(name):  # the API loads torch and transformers only when it is used
+    if name == "PrefixTuned":
+        from .api import PrefixTuned
+
+        return PrefixTuned
+    raise AttributeError(f"module 'prefixtuning' has no attribute {name!r}")
 
 from omegaconf import OmegaConf
 
