@@ -142,6 +142,16 @@ def test_corrupt_checkpoint_is_named_and_the_last_good_one_offered(tmp_path):
     assert folder_digest(tmp_path) == before
 
 
+def test_last_checkpoint_follows_training_when_the_metric_stops_improving(tmp_path):
+    """Lightning's save_last refreshed last.ckpt only with a new best: with a metric that never improves
+    after epoch 0 (mode=max on a falling loss), ckpt_path=last resumed from epoch 0. It is the latest now."""
+    train(compose_cfg(SMALL + ["data.epochs=3", "checkpoint.mode=max"], tmp_path))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    best = [p for p in (tmp_path / "checkpoints").glob("epoch*.ckpt")]
+    assert last["global_step"] == 9 and last["epoch"] == 2
+    assert len(best) == 1 and torch.load(best[0], weights_only=True)["global_step"] == 3
+
+
 # ---------------------------------------------------------------- 3. a failed write damages nothing
 
 def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):

@@ -100,10 +100,17 @@ def wandb_mode() -> str:
 def build_trainer(cfg, output_dir: Path, callbacks=()) -> L.Trainer:
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     ck = cfg.get("checkpoint") or {}
-    ckpt = ModelCheckpoint(dirpath=str(output_dir / "checkpoints"), filename="epoch{epoch}-step{step}",
-                           auto_insert_metric_name=False, monitor=ck.get("monitor", "val/loss"),
-                           mode=ck.get("mode", "min"), save_last=True, save_top_k=1)
-    cbs = [ckpt, JsonlMetrics(output_dir / "metrics.jsonl", tcfg.get("log_every_n_steps", 10)), *callbacks]
+    folder = str(output_dir / "checkpoints")
+    # the best checkpoint by the monitored metric (epoch<e>-step<s>.ckpt; used for the test after training)
+    best = ModelCheckpoint(dirpath=folder, filename="epoch{epoch}-step{step}", auto_insert_metric_name=False,
+                           monitor=ck.get("monitor", "val/loss"), mode=ck.get("mode", "min"), save_last=False,
+                           save_top_k=1)
+    # last.ckpt: the latest state at every epoch end, what `ckpt_path=last` resumes. Lightning's own
+    # save_last refreshes it only when a new best is saved, so once the metric stopped improving it fell
+    # behind and a resume silently went back to an older state.
+    latest = ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
+                             enable_version_counter=False)
+    cbs = [best, latest, JsonlMetrics(output_dir / "metrics.jsonl", tcfg.get("log_every_n_steps", 10)), *callbacks]
     from .checkpoint import SafeCheckpointIO
     return L.Trainer(logger=build_logger(cfg, output_dir), callbacks=cbs, default_root_dir=str(output_dir),
                      plugins=[SafeCheckpointIO()], **tcfg)
