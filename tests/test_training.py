@@ -1,5 +1,7 @@
 """train(cfg) on the real composed config, shrunk: what changes in a step, checkpoints, resume."""
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -225,3 +227,63 @@ def test_wandb_run_continues_on_resume(tmp_path, monkeypatch):
     segments = sorted((tmp_path / "run").glob("**/offline-run-*"))
     assert segments and all(s.name.endswith("-" + run_id) for s in segments), segments
     assert (tmp_path / "run" / "wandb_run_id.txt").read_text().strip() == run_id
+
+
+def _wandb_records(path):
+    """Records of an offline run file (.wandb): a 7-byte header, then the LevelDB log format (32 KiB blocks;
+    records of checksum u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last) of protobuf Records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, buf = path.read_bytes(), 7, 32768, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf + chunk if kind == 4 else chunk)
+            buf = b""
+            yield rec
+        elif kind in (2, 3):
+            buf = (buf if kind == 3 else b"") + chunk
+
+
+def test_wandb_run_holds_what_a_sweep_needs(tmp_path, monkeypatch):
+    """Read back from the offline run file: identity, lr every step, test metrics and parameter counts in the
+    summary, APT gate images at each validation, and the trained tensors as an artifact."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "run"))
+    small = [o for o in SMALL if not o.startswith(("test_after_training", "logger"))]
+    metrics = train(compose_cfg(small + ["test_after_training=true", "logger=wandb", "prefix=apt", "data.epochs=2",
+                                         "trainer.limit_train_batches=2",
+                                         "trainer.log_every_n_steps=1",
+                                         "val_generation.max_inputs=3", "test_max_inputs=3"], tmp_path / "run"))
+    import wandb
+
+    wandb.finish()
+    (run_file,) = (tmp_path / "run").glob("**/offline-run-*/*.wandb")
+    recs = list(_wandb_records(run_file))
+    run = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
+    assert run.job_type == "prefix" and "method=prefix" in run.tags and "prefix=apt" in run.tags
+    assert run.display_name.startswith("prefix e2e")
+    history = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+               for r in recs if r.WhichOneof("record_type") == "history"]
+    assert any(k.startswith("lr-") for h in history for k in h), "no learning rate logged"
+    validations = sum("val/loss" in h for h in history)
+    assert validations >= 2 and sum(any(k.startswith("val/gates/") for k in h) for h in history) == validations
+    summary = {}
+    for r in recs:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.summary.update})
+    assert summary["trainable_params"] == metrics["trainable_params"]
+    assert summary["test/BLEU"] == metrics["test/BLEU"] and "trainable_share_of_backbone" in summary
+    arts = [r.artifact for r in recs if r.WhichOneof("record_type") == "artifact"]
+    assert any(a.type == "model" and a.name.startswith("prefix-") for a in arts)
+    files = {e.path for a in arts for e in a.manifest.contents}
+    assert {"prefix.safetensors", "prefix.json"} <= files

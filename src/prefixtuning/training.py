@@ -63,9 +63,10 @@ def build_logger(cfg, output_dir: Path):
         return ContinuingCSVLogger(save_dir=str(output_dir), name="csv", version="")
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
+
+        from .wandb_run import run_identity
         mode = cfg.logger.get("mode") or wandb_mode()
-        return WandbLogger(project=cfg.logger.project, entity=cfg.logger.get("entity"), name=cfg.logger.get("name"),
-                           group=cfg.logger.get("group"), tags=list(cfg.logger.get("tags") or []),
+        return WandbLogger(project=cfg.logger.project, entity=cfg.logger.get("entity"), **run_identity(cfg),
                            save_dir=str(output_dir), mode=mode, id=wandb_run_id(output_dir), resume="allow",
                            config=OmegaConf.to_container(cfg, resolve=True))
     if kind in (None, "none"):
@@ -112,8 +113,12 @@ def build_trainer(cfg, output_dir: Path, callbacks=()) -> L.Trainer:
                              enable_version_counter=False)
     cbs = [best, latest, JsonlMetrics(output_dir / "metrics.jsonl", tcfg.get("log_every_n_steps", 10)), *callbacks]
     from .checkpoint import SafeCheckpointIO
-    return L.Trainer(logger=build_logger(cfg, output_dir), callbacks=cbs, default_root_dir=str(output_dir),
-                     plugins=[SafeCheckpointIO()], **tcfg)
+    logger = build_logger(cfg, output_dir)
+    if logger:
+        from lightning.pytorch.callbacks import LearningRateMonitor
+        cbs.append(LearningRateMonitor(logging_interval="step"))  # lr-AdamW in the logs, every step
+    return L.Trainer(logger=logger, callbacks=cbs, default_root_dir=str(output_dir), plugins=[SafeCheckpointIO()],
+                     **tcfg)
 
 
 def single_console_logging() -> None:
@@ -169,6 +174,8 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
         val_decoding = OmegaConf.merge(cfg.decoding, {"num_beams": vg.num_beams})
         callbacks.append(GenerationValidation(data, val_decoding, vg.split, vg.max_inputs, vg.every_n_epochs,
                                               vg.log_samples))
+    from .wandb_run import GateImages
+    callbacks.append(GateImages(data, output_dir, vg.max_inputs if vg else 50))  # APT + W&B only
     trainer = build_trainer(cfg, output_dir, callbacks)
     metrics: dict = {**report, "init": init_report}
     if cfg.get("validate_before_training") and resume_from is None:
@@ -184,6 +191,8 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
     if cfg.get("test_after_training") and trainer.global_rank == 0 and not trainer.interrupted:
         metrics.update(run_test_split(cfg, module, data, best, output_dir))
     if trainer.global_rank == 0:
+        from .wandb_run import finish_run
+        finish_run(trainer, module.model, cfg, metrics, output_dir)  # summary + artifact (W&B only)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         keys = ("val/loss_start", "val/loss", "train/loss", f"val/{data.dataset.fast_metric_name}")
         summary = {k: metrics[k] for k in keys if k in metrics}
