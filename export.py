@@ -1,4 +1,5 @@
-"""Export the inference prefix of a checkpoint: `python export.py ckpt=.../last.ckpt out=exports/e2e`."""
+"""Export the inference prefix of a checkpoint: `python export.py ckpt=.../last.ckpt out=exports/e2e`
+(`format=peft` writes HF PEFT's prefix-tuning adapter instead)."""
 
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ from omegaconf import DictConfig  # noqa: E402
 def main(cfg: DictConfig):
     from prefixtuning.export import export_checkpoint
 
-    export_checkpoint(cfg.ckpt, cfg.out)
+    export_checkpoint(cfg.ckpt, cfg.out, cfg.get("format", "prefixtuning"))
 
 
 if __name__ == "__main__":

@@ -156,12 +156,23 @@ def load_method_export(path: str | Path):
     return model.eval(), cfg
 
 
-def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
-    """Checkpoint of train.py -> export directory; prints the file size."""
+def export_checkpoint(ckpt: str | Path, out_dir: str | Path, format: str = "prefixtuning") -> Path:
+    """Checkpoint of train.py -> export directory (this project's format, or HF PEFT's); prints the size."""
     from .checkpoint import load_trained
     from omegaconf import OmegaConf
 
+    if format not in ("prefixtuning", "peft"):
+        raise ExportError(f"format={format!r} is not one of prefixtuning, peft")
     model, run_cfg = load_trained(ckpt)
+    if format == "peft":
+        if not hasattr(model.method, "prefix"):
+            raise ExportError(f"format=peft exports prefixes; {ckpt} was trained with method={model.method.kind}")
+        from .peft_interop import export_peft
+
+        path = export_peft(model.prefix, model.backbone, out_dir, model.shift_positions)
+        print(f"[export] {path} (HF PEFT prefix tuning, P={model.prefix.length}; load with "
+              f"PeftModel.from_pretrained(base_model, {out_dir!s}))", flush=True)
+        return path
     path = model.method.export(model, out_dir, OmegaConf.to_container(run_cfg, resolve=True))
     print(f"[export] {path} ({path.stat().st_size / 1e6:.3f} MB, method={model.method.kind}: "
           f"{model.method.summary()}, backbone {model.backbone.name})", flush=True)

@@ -57,7 +57,11 @@ class PrefixBank:
 
     # ---------------------------------------------------------------- registry
     def load(self, name: str, path: str | Path) -> None:
-        prefix, meta = load_prefix(path, self.backbone)
+        """An export of export.py, or an HF PEFT prefix-tuning adapter directory."""
+        from .peft_interop import is_peft_dir, load_peft_prefix
+
+        loader = load_peft_prefix if is_peft_dir(path) else load_prefix
+        prefix, meta = loader(path, self.backbone)
         self.add(name, prefix, meta.get("shift_positions", True))
 
     def add(self, name: str, prefix: Prefix, shift_positions: bool = True) -> None:
