@@ -287,3 +287,21 @@ def test_wandb_run_holds_what_a_sweep_needs(tmp_path, monkeypatch):
     assert any(a.type == "model" and a.name.startswith("prefix-") for a in arts)
     files = {e.path for a in arts for e in a.manifest.contents}
     assert {"prefix.safetensors", "prefix.json"} <= files
+
+
+def test_debug_fdr_decodes_two_inputs_and_never_starts_java(tmp_path, monkeypatch):
+    import prefixtuning.decoding as decoding
+    from prefixtuning.metrics import java
+
+    monkeypatch.setattr(java, "java", lambda: pytest.fail("debug=fdr started Java"))
+    decoded = []
+    real = decoding.decode
+
+    def counting(model, prompts, *a, **k):
+        decoded.append(len(prompts))
+        return real(model, prompts, *a, **k)
+
+    monkeypatch.setattr(decoding, "decode", counting)
+    metrics = train(compose_cfg(["trainer=cpu", "trainer.enable_progress_bar=false", "debug=fdr"], tmp_path))
+    assert decoded == [2] and "val/BLEU" in metrics
+    assert not any(k.startswith("test/") for k in metrics)
