@@ -21,7 +21,11 @@ def main(cfg: DictConfig):
     from prefixtuning.training import train
 
     metrics = train(cfg)
-    return metrics.get("val/loss")  # the objective for Hydra sweepers
+    key = cfg.get("optimized_metric", "val/loss")  # the objective for Hydra sweepers (hparams_search=optuna)
+    if key not in metrics:
+        raise KeyError(f"optimized_metric={key!r} is not among this run's metrics: "
+                       f"{', '.join(sorted(k for k, v in metrics.items() if isinstance(v, float)))}")
+    return metrics[key]
 
 
 if __name__ == "__main__":

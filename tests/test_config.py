@@ -119,7 +119,8 @@ def test_geometry_of_real_families():
 # ---------------------------------------------------------------- every value checked before any model loads
 
 ALL_OPTIONS = [(g, o) for g in ("backbone", "prefix", "init", "decoding", "data", "lowres", "extrapolation",
-                                "trainer", "logger", "experiment", "debug", "method", "row") for o in options(g)]
+                                "trainer", "logger", "experiment", "debug", "method", "row", "hparams_search")
+               for o in options(g)]
 
 
 @pytest.mark.parametrize("group,option", ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])

@@ -72,3 +72,23 @@ def test_multirun_report_groups_means_figures_and_failed_jobs(tmp_path):
         mu = sum(ref) / 2
         assert abs(m - mu) < 1e-12 and abs(s - math.sqrt(sum((v - mu) ** 2 for v in ref) / 2)) < 1e-12
     assert (tmp_path / "rep2" / "prefix_length.png").stat().st_size > 1000
+
+
+def test_optuna_search_optimizes_the_configured_metric(tmp_path):
+    """hparams_search=optuna over lr x prefix length: each trial's objective is its optimized_metric, and the
+    best value Optuna reports is the best of the jobs' own metrics.json (here val/loss, minimized)."""
+    from omegaconf import OmegaConf
+
+    sweep = tmp_path / "optuna"
+    _run(["train.py", "hparams_search=optuna", "optimized_metric=val/loss", "optimized_direction=minimize",
+          "backbone=tiny-gpt2", "init=random", "data.batch_size=16", "trainer=cpu", "trainer.enable_progress_bar=false",
+          "trainer.limit_train_batches=2", "data.epochs=1", "val_generation.max_inputs=2", "test_after_training=false",
+          "validate_before_training=false", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"])
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    losses = {}
+    for job in ("0", "1", "2"):
+        ov = dict(o.split("=", 1) for o in OmegaConf.load(sweep / job / ".hydra" / "overrides.yaml"))
+        losses[(float(ov["data.lr"]), int(ov["prefix.length"]))] = json.loads((sweep / job / "metrics.json").read_text())["val/loss"]
+    assert best.best_value == min(losses.values())
+    assert losses[(best.best_params["data.lr"], best.best_params["prefix.length"])] == best.best_value
+    assert (sweep / "report" / "summary.md").is_file()

@@ -69,7 +69,8 @@ def _schema() -> dict[str, Spec]:
     from .prefixes import PREFIXES
 
     return {
-        "task_name": S(STR), "seed": S(INT, min=0), "ckpt_path": S(STR, null=True),
+        "task_name": S(STR), "seed": S(INT, min=0), "optimized_metric": S(STR),
+        "optimized_direction": S(STR, choices=("minimize", "maximize")), "ckpt_path": S(STR, null=True),
         "resume_allow_changes": S(BOOL), "validate_before_training": S(BOOL), "test_after_training": S(BOOL),
         "test_split": S(STR, choices=SPLITS), "test_max_inputs": S(INT, null=True, min=1),
         "show_examples": S(INT, min=0),
