@@ -52,10 +52,7 @@ def probe_gates(model, prompts: list[list[int]], batch_size: int = 16) -> dict[t
 
 
 def write_gate_report(gates, prefix, out_dir: Path, split: str, per_example: bool = False) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's inline one) is untouched
 
     out_dir.mkdir(parents=True, exist_ok=True)
     sites = sorted({s for s, _ in gates}, key=["encoder", "decoder", "cross"].index)
@@ -70,8 +67,9 @@ def write_gate_report(gates, prefix, out_dir: Path, split: str, per_example: boo
                 for t in range(g.shape[1]):
                     w.writerow([s, layer, t, f"{g[:, t].mean().item():.6f}", f"{g[:, t].std(unbiased=False).item():.6f}",
                                 f"{scales[layer].item():.6f}", g.shape[0]])
-    fig, axes = plt.subplots(1, len(sites), figsize=(2.2 + 0.45 * prefix.length * len(sites), 0.35 * max(
-        prefix.geometry.sites[s].n_layers for s in sites) + 1.8), squeeze=False)
+    fig = Figure(figsize=(2.2 + 0.45 * prefix.length * len(sites), 0.35 * max(
+        prefix.geometry.sites[s].n_layers for s in sites) + 1.8))
+    axes = fig.subplots(1, len(sites), squeeze=False)
     for ax, s in zip(axes[0], sites):
         L = prefix.geometry.sites[s].n_layers
         mean = torch.stack([gates[(s, i)].mean(0) for i in range(L)]).cpu().numpy()  # (L, P)
@@ -84,7 +82,6 @@ def write_gate_report(gates, prefix, out_dir: Path, split: str, per_example: boo
         fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     fig.savefig(paths["png"], dpi=120)
-    plt.close(fig)
     if per_example:
         paths["jsonl"] = out_dir / f"gates_{split}_examples.jsonl"
         n = next(iter(gates.values())).shape[0]

@@ -179,10 +179,7 @@ def series(rows: list[dict], x_key: str, line_key: str | None, metric: str) -> d
 def figures(rows: list[dict], keys: list[str], jobs: list[Job], out: Path, metric: str | None = None
             ) -> dict[str, dict]:
     """Write the figures the sweep has; returns name -> the plotted series (for tests and notebooks)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's inline one) is untouched
 
     metric = metric or main_metric(rows)
     made: dict[str, dict] = {}
@@ -195,7 +192,8 @@ def figures(rows: list[dict], keys: list[str], jobs: list[Job], out: Path, metri
         if metric is None or x_key not in by or name in made:
             continue
         data = series(rows, x_key, line_key, metric)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig = Figure(figsize=(5, 3.5))
+        ax = fig.subplots()
         for line, (xs, ms, ss) in data.items():
             ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=line)
         ax.set_xscale(scale)
@@ -205,19 +203,18 @@ def figures(rows: list[dict], keys: list[str], jobs: list[Job], out: Path, metri
             ax.legend(title=line_key)
         fig.tight_layout()
         fig.savefig(out / f"{name}.png", dpi=120)
-        plt.close(fig)
         made[name] = data
     if metric is not None and "init" in by:
         data = series(rows, "init", None, metric)
         xs, ms, ss = data[metric]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig = Figure(figsize=(5, 3.5))
+        ax = fig.subplots()
         ax.bar(range(len(xs)), ms, yerr=ss, capsize=4)
         ax.set_xticks(range(len(xs)), xs)
         ax.set_ylabel(metric)
         ax.set_xlabel("initialization")
         fig.tight_layout()
         fig.savefig(out / "init.png", dpi=120)
-        plt.close(fig)
         made["init"] = data
     for j in jobs:  # APT runs write their gate heatmap after the test split; collected here per job
         png = j.folder / "gates_test.png"
