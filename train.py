@@ -20,12 +20,15 @@ from prefixtuning.resume import ResumeError, resume_argv  # noqa: E402
 def main(cfg: DictConfig):
     from prefixtuning.training import train
 
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     metrics = train(cfg)
     key = cfg.get("optimized_metric", "val/loss")  # the objective for Hydra sweepers (hparams_search=optuna)
-    if key not in metrics:
+    if key not in metrics and HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweeper would optimize nothing
         raise KeyError(f"optimized_metric={key!r} is not among this run's metrics: "
                        f"{', '.join(sorted(k for k, v in metrics.items() if isinstance(v, float)))}")
-    return metrics[key]
+    return metrics.get(key)  # a single run (e.g. resuming a finished one) may have no new validation
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TEXTS, batch, compose_cfg, load_tiny, make_model
-from prefixtuning.factory import build_model, initialize, load_backbone, parameter_report
+from prefixtuning.factory import build_model, initialize, parameter_report
 from prefixtuning.methods import METHODS
 from prefixtuning.model import TunedModel
 from prefixtuning.prefixes import build_prefix

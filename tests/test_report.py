@@ -92,3 +92,14 @@ def test_optuna_search_optimizes_the_configured_metric(tmp_path):
     assert best.best_value == min(losses.values())
     assert losses[(best.best_params["data.lr"], best.best_params["prefix.length"])] == best.best_value
     assert (sweep / "report" / "summary.md").is_file()
+
+
+def test_a_sweep_on_a_metric_the_runs_do_not_have_fails_loudly(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "train.py", "hparams_search=optuna", "optimized_metric=test/BLUE",
+                           "backbone=tiny-gpt2", "init=random", "trainer=cpu", "trainer.enable_progress_bar=false",
+                           "trainer.limit_train_batches=1", "data.epochs=1", "val_generation.enabled=false",
+                           "test_after_training=false", "validate_before_training=false", "hydra.sweeper.n_trials=1",
+                           f"hydra.sweep.dir={tmp_path / 's'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 0 and "optimized_metric='test/BLUE' is not among this run's metrics" in proc.stderr

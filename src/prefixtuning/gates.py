@@ -96,8 +96,8 @@ def main(argv=None) -> int:
     args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
     unknown = set(args) - {"ckpt", "split", "out", "max_inputs", "per_example", "batch_size"}
     if unknown or "ckpt" not in args:
-        print(f"usage: python -m prefixtuning.gates ckpt=PATH [split=dev] [out=DIR] [max_inputs=N] "
-              f"[per_example=true] [batch_size=16]" + (f"; unknown: {sorted(unknown)}" if unknown else ""),
+        print("usage: python -m prefixtuning.gates ckpt=PATH [split=dev] [out=DIR] [max_inputs=N] "
+              "[per_example=true] [batch_size=16]" + (f"; unknown: {sorted(unknown)}" if unknown else ""),
               file=sys.stderr)
         return 2
     from .checkpoint import load_trained
