@@ -71,3 +71,20 @@ def batch(tokenizer, texts, side="right"):
 
 TEXTS = [" name : The Vaults | Type : pub | near : Café Adriatic", " name : Blue Spice | area : city centre",
          " The Mill is a coffee shop"]
+
+
+def peft_prefix_twin(m):
+    """HF PEFT prefix tuning on the same backbone weights (float32), its prefix set to `m`'s keys/values: the
+    test oracle. PEFT's layout is (P, L * 2 * n_kv * hd), viewed as (P, layer, key|value, kv head, hd)."""
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(m.backbone.model.name_or_path, dtype=torch.float32)
+    peft_model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                         num_virtual_tokens=m.prefix.length)).eval()
+    k, v = m.prefix.key_values()["decoder"]  # (L, 1, n_kv, P, hd)
+    L, _, H, P, hd = k.shape
+    emb = peft_model.prompt_encoder["default"].embedding.weight
+    assert emb.shape == (P, L * 2 * H * hd), "PEFT does not size the prefix by key/value heads"
+    emb.data.copy_(torch.stack([k[:, 0], v[:, 0]], dim=1).permute(3, 0, 1, 2, 4).reshape(P, L * 2 * H * hd))
+    return peft_model

@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
-from peft import PrefixTuningConfig, get_peft_model
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
-from conftest import TEXTS, batch, make_model
+from conftest import TEXTS, batch, make_model, peft_prefix_twin
 
 
 def explicit_gpt2_logits(model, input_ids, attention_mask, pk, pv, offset):
@@ -77,23 +76,10 @@ def test_equals_cache_path(family, texts):
     assert (ours - ref)[mask.bool()].abs().max().item() <= 1e-5
 
 
-def _peft_twin(m):
-    """PEFT prefix tuning on the same backbone weights, its prefix embedding set to our prefix."""
-    base = AutoModelForCausalLM.from_pretrained(m.backbone.model.name_or_path)
-    cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=m.prefix.length)
-    peft_model = get_peft_model(base, cfg).eval()
-    k, v = m.prefix.key_values()["decoder"]  # (L, 1, H, P, hd)
-    L, _, H, P, hd = k.shape
-    # PEFT's layout: (P, L * 2 * H * hd) viewed as (P, L, 2, H, hd)
-    emb = torch.stack([k[:, 0], v[:, 0]], dim=1).permute(3, 0, 1, 2, 4).reshape(P, L * 2 * H * hd)
-    peft_model.prompt_encoder["default"].embedding.weight.data.copy_(emb)
-    return peft_model
-
-
 @pytest.mark.parametrize("texts", [TEXTS, TEXTS[:1]], ids=["padded", "unpadded"])
 def test_equals_peft_logits(texts):
     m = make_model("gpt2", length=6)
-    peft_model = _peft_twin(m)
+    peft_model = peft_prefix_twin(m)
     ids, mask = batch(m.backbone.tokenizer, texts)
     with torch.no_grad():
         ref = peft_model(input_ids=ids, attention_mask=mask).logits
@@ -103,7 +89,7 @@ def test_equals_peft_logits(texts):
 
 def test_equals_peft_greedy_generate():
     m = make_model("gpt2", length=6)
-    peft_model = _peft_twin(m)
+    peft_model = peft_prefix_twin(m)
     tok = m.backbone.tokenizer
     ids, mask = batch(tok, TEXTS, side="left")
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)

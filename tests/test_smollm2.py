@@ -6,10 +6,9 @@ import importlib.util
 
 import pytest
 import torch
-from peft import PrefixTuningConfig, get_peft_model
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
-from conftest import TEXTS, batch, compose_cfg
+from conftest import TEXTS, batch, compose_cfg, peft_prefix_twin
 from prefixtuning.backbone import Backbone
 from prefixtuning.initialization import initialize_prefix
 from prefixtuning.local_backbones import SMOLLM2_135M_Q4, BackboneLoadError, GgufBackbone
@@ -32,20 +31,6 @@ def _model(bb, kind="static", length=5, seed=0, **kw):
     return PrefixTuningModel(bb, prefix)
 
 
-def _peft_twin(m):
-    """PEFT prefix tuning on the same weights, its prefix embedding set to our prefix's keys/values."""
-    base = AutoModelForCausalLM.from_pretrained(m.backbone.model.name_or_path, dtype=torch.float32)
-    peft_model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM",
-                                                         num_virtual_tokens=m.prefix.length)).eval()
-    k, v = m.prefix.key_values()["decoder"]  # (L, 1, n_kv, P, hd)
-    L, _, H, P, hd = k.shape
-    emb = peft_model.prompt_encoder["default"].embedding.weight
-    # PEFT's layout for GQA: (P, L * 2 * n_kv * hd) viewed as (P, L, 2, n_kv, hd)
-    assert emb.shape == (P, L * 2 * H * hd), "PEFT does not size the prefix by key/value heads"
-    emb.data.copy_(torch.stack([k[:, 0], v[:, 0]], dim=1).permute(3, 0, 1, 2, 4).reshape(P, L * 2 * H * hd))
-    return peft_model
-
-
 def test_geometry_is_the_real_gqa_model(smol32):
     g = smol32.geometry
     assert (g.model_type, g.hidden_size, g.max_positions) == ("llama", 576, 8192)
@@ -60,7 +45,7 @@ def test_logits_equal_peft(smol32, texts):
     with torch.no_grad():  # a prefix of the size real training gives, not N(0, 1)
         for t in (*m.prefix.keys.values(), *m.prefix.values.values()):
             t.mul_(0.5)
-    peft_model = _peft_twin(m)
+    peft_model = peft_prefix_twin(m)
     ids, mask = batch(smol32.tokenizer, texts)
     with torch.no_grad():
         ref = peft_model(input_ids=ids, attention_mask=mask).logits
@@ -73,7 +58,7 @@ def test_logits_equal_peft(smol32, texts):
 def test_greedy_generation_equals_peft(smol32):
     m = _model(smol32)
     initialize_prefix({"kind": "task_words", "text": "table-to-text:"}, m.prefix, smol32)
-    peft_model = _peft_twin(m)
+    peft_model = peft_prefix_twin(m)
     tok = smol32.tokenizer
     ids, mask = batch(tok, TEXTS, side="left")
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)

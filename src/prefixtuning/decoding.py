@@ -61,6 +61,13 @@ def pad_prompts(prompts: Sequence[list[int]], pad_id: int, is_encoder_decoder: b
     return ids, mask
 
 
+def place_rows(store: dict, batch: dict, idx: list[int], n: int) -> None:
+    """Put a sorted batch's per-row tensors (key -> (len(idx), ...)) at their input positions in `store`
+    (key -> (n, ...)): batching sorts inputs by length, callers get them back in their own order."""
+    for key, t in batch.items():
+        store.setdefault(key, t.new_empty(n, *t.shape[1:]))[torch.tensor(idx, device=t.device)] = t
+
+
 @torch.no_grad()
 def decode(model: PrefixTuningModel, prompts: Sequence[list[int]], cfg, batch_size: int = 16,
            progress: bool = True, desc: str = "decoding") -> list[str]:
@@ -85,8 +92,7 @@ def decode(model: PrefixTuningModel, prompts: Sequence[list[int]], cfg, batch_si
         for r, i in enumerate(idx):
             out[i] = tok.decode(gen[r], skip_special_tokens=True).strip()
         if gated:  # put each example's gates back at its input position
-            for key, g in model.prefix.last_token_gates.items():
-                gates.setdefault(key, g.new_empty(len(prompts), g.shape[1]))[torch.tensor(idx)] = g
+            place_rows(gates, model.prefix.last_token_gates, idx, len(prompts))
         bar.update(len(idx))
     bar.close()
     if gated:  # the gates left on the model are those of every input, in the caller's order

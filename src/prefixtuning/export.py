@@ -56,21 +56,27 @@ def export_prefix(prefix: Prefix, backbone: Backbone, out_dir: str | Path, shift
     return out / WEIGHTS
 
 
+def _read_meta(file: Path, fmt: str) -> dict:
+    """An export's JSON metadata, checked to be valid JSON of format `fmt`."""
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{file} is not valid JSON ({err})") from None
+    if meta.get("format") != fmt:
+        raise ExportError(f"{file} has format {meta.get('format')!r}, expected {fmt!r}")
+    return meta
+
+
 def read_export(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     d = Path(path)
     if (d / METHOD_META).is_file():
-        meta = json.loads((d / METHOD_META).read_text())
+        meta = _read_meta(d / METHOD_META, METHOD_FORMAT)
         raise ExportError(f"{d} holds a method={meta.get('method', {}).get('kind')} export, not a prefix: mixed-prefix "
                           f"batching (the prefix bank, serving) injects per-row prefixes and serves prefix exports "
                           f"only; load this one with evaluate.py ckpt={d} or checkpoint.load_trained")
     if not (d / META).is_file() or not (d / WEIGHTS).is_file():
         raise ExportError(f"{d} is not a prefix export (expected {META} and {WEIGHTS})")
-    try:
-        meta = json.loads((d / META).read_text())
-    except json.JSONDecodeError as err:
-        raise ExportError(f"{d / META} is not valid JSON ({err})") from None
-    if meta.get("format") != FORMAT:
-        raise ExportError(f"{d / META} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta = _read_meta(d / META, FORMAT)
     try:
         tensors = load_file(str(d / WEIGHTS))
     except (SafetensorError, OSError, RuntimeError) as err:
@@ -132,12 +138,7 @@ def load_method_export(path: str | Path):
     from .factory import build_model, load_backbone
 
     d = Path(path)
-    try:
-        meta = json.loads((d / METHOD_META).read_text())
-    except json.JSONDecodeError as err:
-        raise ExportError(f"{d / METHOD_META} is not valid JSON ({err})") from None
-    if meta.get("format") != METHOD_FORMAT:
-        raise ExportError(f"{d / METHOD_META} has format {meta.get('format')!r}, expected {METHOD_FORMAT!r}")
+    meta = _read_meta(d / METHOD_META, METHOD_FORMAT)
     if not meta.get("config"):
         raise ExportError(f"{d / METHOD_META} has no training config; loading needs its backbone and method")
     cfg = OmegaConf.create(meta["config"])

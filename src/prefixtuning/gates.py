@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .decoding import pad_prompts
+from .decoding import pad_prompts, place_rows
 
 
 @torch.no_grad()
@@ -46,8 +46,7 @@ def probe_gates(model, prompts: list[list[int]], batch_size: int = 16) -> dict[t
             start_id = model.backbone.model.config.decoder_start_token_id
             kw["decoder_input_ids"] = torch.full((len(idx), 1), start_id, device=device)
         model(ids, mask, **kw)
-        for key, g in prefix.last_token_gates.items():
-            out.setdefault(key, g.new_empty(len(prompts), g.shape[1]))[torch.tensor(idx, device=g.device)] = g.float()
+        place_rows(out, {k: g.float() for k, g in prefix.last_token_gates.items()}, idx, len(prompts))
     return out
 
 
