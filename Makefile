@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv train test test-slow test-all bench clean
+.PHONY: venv train test test-slow test-all bench replay clean
 
 venv: $(VENV)/.installed
 
@@ -40,3 +40,19 @@ bench: venv
 	$(PY) benchmarks/prefix_benchmarks.py
 	$(PY) benchmarks/metrics_e2e.py
 	$(PY) benchmarks/cpu_bf16.py
+
+# The CPU replays of the paper's findings (README "Results"), one after another: each runs its Hydra multirun
+# (checkpoints and logs under $(REPLAY_OUT)/<name>/<time>), then its report is copied to results/replay/<name>/
+# with the wall time. replay_lr first: it re-measures the dev-loss table the row files' learning rates come from.
+REPLAYS ?= replay_lr replay_lowdata replay_init replay_length replay_apt replay_extrapolation
+REPLAY_OUT ?= logs/replay
+
+replay: venv
+	@set -e; n=0; total=$$(echo $(REPLAYS) | wc -w); for e in $(REPLAYS); do \
+	  n=$$((n + 1)); start=$$(date +%s); dir=$(REPLAY_OUT)/$$e/$$(date +%Y%m%d-%H%M%S); \
+	  echo "[replay $$n/$$total] $$e: started $$(date '+%F %T') -> $$dir"; \
+	  $(PY) train.py -m experiment=$$e hydra.sweep.dir=$$dir; \
+	  secs=$$(( $$(date +%s) - start )); mkdir -p results/replay/$$e; \
+	  cp $$dir/report/* results/replay/$$e/; echo "$$secs" > results/replay/$$e/wall_seconds.txt; \
+	  echo "[replay $$n/$$total] $$e: done in $$((secs / 60)) min $$((secs % 60)) s -> results/replay/$$e/summary.md"; \
+	done

@@ -115,29 +115,57 @@ def test_state_does_not_leak_between_models():
 
 
 @pytest.mark.parametrize("n_kv", [4, 2])
-@pytest.mark.parametrize("masked", [False, True])
-def test_decode_step_attention_equals_sdpa_over_concatenated_keys(n_kv, masked):
-    """The copy-free decoding step equals plain softmax attention over [prefix; cache]."""
+@pytest.mark.parametrize("masked", [False, True, "additive"])
+@pytest.mark.parametrize("b0", [1, 2, 4], ids=["shared", "beams", "per-row"])
+def test_decode_step_attention_equals_sdpa_over_concatenated_keys(n_kv, masked, b0):
+    """The copy-free decoding step equals plain softmax attention over [prefix; cache], with the prefix
+    given once (b0=1), once per example of a beam batch (b0=2 for 2 beams each) or once per row."""
     from types import SimpleNamespace
 
-    from prefixtuning.injection import PrefixState, _decode_step_attention
+    from prefixtuning.injection import PrefixState, _decode_step_attention, match_rows
 
     torch.manual_seed(0)
-    B, H, hd, L, P = 3, 4, 8, 7, 5
+    B, H, hd, L, P = 4, 4, 8, 7, 5
     q = torch.randn(B, H, 1, hd)
     k, v = torch.randn(B, n_kv, L, hd), torch.randn(B, n_kv, L, hd)
-    pk, pv = torch.randn(B, n_kv, P, hd), torch.randn(B, n_kv, P, hd)
+    pk, pv = torch.randn(b0, n_kv, P, hd), torch.randn(b0, n_kv, P, hd)
     real_mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
-    prefix_mask = torch.ones(B, P, dtype=torch.bool)
+    prefix_mask = None
     if masked:
         real_mask[0, ..., :3] = False  # left padding of row 0
-        prefix_mask[1, 3:] = False  # row 1 has a shorter prefix
-        prefix_mask[2] = False  # row 2 has none
+        prefix_mask = torch.ones(b0, P, dtype=torch.bool)
+        prefix_mask[-1, 3:] = False  # the last prefix row is shorter
+        if b0 > 1:
+            prefix_mask[0] = False  # the first has none
+    given = real_mask
+    if masked == "additive":
+        given = torch.zeros(B, 1, 1, L).masked_fill(~real_mask, torch.finfo(torch.float32).min)
     tag = SimpleNamespace(site="decoder")
-    state = PrefixState(kv={}, prefix_mask={"decoder": prefix_mask})
-    out, _ = _decode_step_attention(None, q, k, v, pk, pv, real_mask, state, tag, B, None)
-    full_k = torch.cat([pk, k], 2).repeat_interleave(H // n_kv, dim=1)
-    full_v = torch.cat([pv, v], 2).repeat_interleave(H // n_kv, dim=1)
-    full_mask = torch.cat([prefix_mask[:, None, None, :], real_mask], -1)
+    state = PrefixState(kv={}, prefix_mask={"decoder": prefix_mask} if prefix_mask is not None else None)
+    out, _ = _decode_step_attention(None, q, k, v, pk, pv, given, state, tag, B, None)
+    full_k = torch.cat([match_rows(pk, B), k], 2).repeat_interleave(H // n_kv, dim=1)
+    full_v = torch.cat([match_rows(pv, B), v], 2).repeat_interleave(H // n_kv, dim=1)
+    visible = match_rows(prefix_mask, B) if prefix_mask is not None else torch.ones(B, P, dtype=torch.bool)
+    full_mask = torch.cat([visible[:, None, None, :], real_mask], -1)
     ref = torch.nn.functional.scaled_dot_product_attention(q, full_k, full_v, attn_mask=full_mask)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_one_state_over_forwards_with_different_masks_equals_fresh_states(family):
+    """The mask with prefix columns is built once per forward pass and reused by the other layers; a state
+    kept over several passes (as in generation, or a caller's own loop) must rebuild it whenever the model
+    hands over another mask: padded, unpadded, other lengths, then the first again."""
+    m = make_model(family, length=4)
+    tok = m.backbone.tokenizer
+    batches = [batch(tok, TEXTS), batch(tok, TEXTS[:1]), batch(tok, TEXTS[1:]), batch(tok, TEXTS)]
+    fresh = []
+    with torch.no_grad():
+        for ids, mask in batches:
+            fresh.append(m(ids, mask).logits)  # activates a new state per call
+        state = m.backbone.injector.state
+        for (ids, mask), ref in zip(batches, fresh):
+            m.backbone.injector.activate(state)  # the same state object for every pass
+            out = m.backbone.model(input_ids=ids, attention_mask=mask, position_ids=m.position_ids(mask)).logits
+            assert torch.equal(out, ref)
+    assert state.masks, "the pass did not go through the mask reuse"

@@ -42,14 +42,23 @@ def print_examples(groups, hyps: list[str], n: int, split: str) -> None:
               f"[{split} {i}] reference:  {g.references[0] if g.references else ''}", flush=True)
 
 
+def select_inputs(groups: list, max_inputs: int | None = None, stride: int | None = None) -> list:
+    """The evaluation inputs a run decodes: every `stride`-th input in the official order (1, 2, ...: a
+    subset that follows the split's mix, e.g. WebNLG's seen and unseen categories), then the first
+    `max_inputs` of those. The same for train.py's test pass, evaluate.py and the gate probe."""
+    stride = int(stride or 1)
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    groups = list(groups)[::stride]
+    return groups[: int(max_inputs)] if max_inputs else groups
+
+
 def evaluate_model(model, dm: PrefixDataModule, split: str, decoding_cfg, out_dir: str | Path,
                    batch_size: int = 16, progress: bool = True, max_inputs: int | None = None,
-                   show_examples: int = 0) -> dict:
+                   show_examples: int = 0, stride: int | None = None) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = dm.eval_groups(split)
-    if max_inputs:
-        groups = groups[: int(max_inputs)]
+    groups = select_inputs(dm.eval_groups(split), max_inputs, stride)
     prompts = [dm.featurizer.prompt_ids(g.source) for g in groups]
     hyps = decode(model, prompts, decoding_cfg, batch_size=batch_size, progress=progress, desc=f"decoding {split}")
     hyps = [" ".join(h.split("\n")) for h in hyps]  # one output per line, whatever the decoder produced
@@ -90,7 +99,7 @@ def evaluate(cfg) -> dict:
     metrics = {"checkpoint": str(cfg.ckpt)}
     metrics.update(evaluate_model(model, dm, cfg.split, cfg.decoding, out, batch_size=cfg.decoding.batch_size,
                                   progress=cfg.get("progress", True), max_inputs=cfg.get("max_inputs"),
-                                  show_examples=cfg.get("show_examples", 3)))
+                                  show_examples=cfg.get("show_examples", 3), stride=cfg.get("stride")))
     metrics.update({f"reference_{k}": v for k, v in reference_loss(model, loader).items()})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"[eval] {out}\n" + format_table(metrics), flush=True)

@@ -1,6 +1,6 @@
 """APT's probe: the token gates of a trained APT prefix over a split, as a layer x prefix-token heatmap.
 
-    python -m prefixtuning.gates ckpt=<checkpoint or export dir> split=dev [out=DIR] [max_inputs=N]
+    python -m prefixtuning.gates ckpt=<checkpoint or export dir> split=dev [out=DIR] [max_inputs=N] [stride=K]
                                  [per_example=true] [batch_size=16]
 
 Writes, in `out` (default: the checkpoint's run folder, or the export dir):
@@ -93,9 +93,9 @@ def write_gate_report(gates, prefix, out_dir: Path, split: str, per_example: boo
 
 def main(argv=None) -> int:
     args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
-    unknown = set(args) - {"ckpt", "split", "out", "max_inputs", "per_example", "batch_size"}
+    unknown = set(args) - {"ckpt", "split", "out", "max_inputs", "stride", "per_example", "batch_size"}
     if unknown or "ckpt" not in args:
-        print("usage: python -m prefixtuning.gates ckpt=PATH [split=dev] [out=DIR] [max_inputs=N] "
+        print("usage: python -m prefixtuning.gates ckpt=PATH [split=dev] [out=DIR] [max_inputs=N] [stride=K] "
               "[per_example=true] [batch_size=16]" + (f"; unknown: {sorted(unknown)}" if unknown else ""),
               file=sys.stderr)
         return 2
@@ -107,9 +107,9 @@ def main(argv=None) -> int:
     model, run_cfg = load_trained(ckpt)
     dm = PrefixDataModule(run_cfg.data, model.backbone.tokenizer, model.backbone.is_encoder_decoder,
                           seed=run_cfg.get("seed", 0), lowres=run_cfg.get("lowres"), split=run_cfg.get("extrapolation"))
-    groups = dm.eval_groups(split)
-    if args.get("max_inputs"):
-        groups = groups[: int(args["max_inputs"])]
+    from .evaluation import select_inputs
+
+    groups = select_inputs(dm.eval_groups(split), args.get("max_inputs"), args.get("stride"))
     prompts = [dm.featurizer.prompt_ids(g.source) for g in groups]
     try:
         gates = probe_gates(model, prompts, int(args.get("batch_size", 16)))

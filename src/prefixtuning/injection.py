@@ -67,6 +67,9 @@ class PrefixState:
     # site -> (B0, P) bool, False on padded prefix positions: rows of a mixed batch may carry prefixes of
     # different lengths, or none at all (all False = the plain backbone for that row)
     prefix_mask: dict[str, Tensor] | None = None
+    # site -> (the mask the model passed, (B, q, kv, P, causal), that mask with the prefix columns): the
+    # last one built, reused by the site's other layers in the same forward pass
+    masks: dict = field(default_factory=dict)
 
 
 def match_rows(t: Tensor, rows: int, what: str = "prefix") -> Tensor:
@@ -99,79 +102,132 @@ def _prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     batch, _, q_len, _ = query.shape  # (B, n_heads, q, hd)
     kv_len = key.shape[2]  # (B, n_kv, kv, hd)
     pk, pv = state.kv[tag.site]
-    pk = match_rows(pk[tag.layer], batch)  # (B, n_kv, P, hd)
-    pv = match_rows(pv[tag.layer], batch)
+    pk, pv = pk[tag.layer], pv[tag.layer]  # (B0, n_kv, P, hd), B0 = 1 or the batch before beams
     gate = state.gates.get((tag.site, tag.layer))
     if gate is not None:
         g = match_rows(gate, batch, "gate")[:, None, :, None]  # (B, 1, P, 1)
-        pk, pv = pk * g, pv * g
+        pk, pv = match_rows(pk, batch) * g, match_rows(pv, batch) * g
     n_prefix = pk.shape[2]
     plain_softmax = all(kwargs.get(k) is None for k in ("position_bias", "softcap", "s_aux", "sinks"))
     if q_len == 1 and plain_softmax and not torch.is_grad_enabled() and kwargs.get("dropout", 0.0) == 0.0:
-        # a decoding step: attend to prefix and cache in two parts, without copying the cache
+        # a decoding step: scores against prefix and cache computed apart, without copying the cache or
+        # repeating the prefix per row
         return _decode_step_attention(module, query, key, value, pk.to(key.dtype), pv.to(value.dtype),
                                       attention_mask, state, tag, batch, kwargs.get("scaling"))
+    pk, pv = match_rows(pk, batch), match_rows(pv, batch)  # (B, n_kv, P, hd)
     key = torch.cat([pk.to(key.dtype), key], dim=2)  # (B, n_kv, P + kv, hd)
     value = torch.cat([pv.to(value.dtype), value], dim=2)
 
     is_causal = kwargs.pop("is_causal", None)
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    pm = state.prefix_mask.get(tag.site) if state.prefix_mask else None
+    # The mask with the prefix columns is the same for every layer of a site within one forward pass (the
+    # model hands each layer the same mask object): build it once per pass and site, reuse it after.
+    shape = (batch, q_len, kv_len, n_prefix, bool(is_causal))
+    cached = state.masks.get(tag.site)
+    if cached is not None and cached[0] is attention_mask and cached[1] == shape:
+        attention_mask = cached[2]
+    else:
+        given = attention_mask
+        attention_mask = _mask_with_prefix(attention_mask, state, tag.site, batch, q_len, kv_len, n_prefix,
+                                           is_causal, query.device)
+        state.masks[tag.site] = (given, shape, attention_mask)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, is_causal=False, **kwargs)
+
+
+def _mask_with_prefix(attention_mask, state, site, batch, q_len, kv_len, n_prefix, is_causal, device):
+    """The layer's attention mask with P visible (or, per row, padded) prefix columns in front; None when
+    SDPA needs no mask at all."""
+    pm = state.prefix_mask.get(site) if state.prefix_mask else None
     if pm is not None:
         pm = match_rows(pm, batch, "prefix mask")[:, None, None, :]  # (B, 1, 1, P)
     if attention_mask is None:
         real = None
         if is_causal and q_len > 1:
             # query i sits at absolute index kv_len - q_len + i among the real keys: bottom-right alignment
-            qi = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
-            kj = torch.arange(kv_len, device=query.device)[None, :]
+            qi = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+            kj = torch.arange(kv_len, device=device)[None, :]
             real = (kj <= qi)[None, None]  # (1, 1, q, kv)
-        if real is not None or pm is not None:
-            if real is None:
-                real = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=query.device)
-            rows = batch if pm is not None else 1
-            visible = pm if pm is not None else torch.ones(1, 1, 1, n_prefix, dtype=torch.bool, device=query.device)
-            attention_mask = torch.cat([visible.expand(rows, 1, q_len, n_prefix),
-                                        real.expand(rows, 1, q_len, kv_len)], dim=-1)  # (B|1, 1, q, P + kv)
-    else:
-        lead = (max(attention_mask.shape[0], pm.shape[0] if pm is not None else 1), attention_mask.shape[1],
-                attention_mask.shape[2])
-        visible = pm if pm is not None else torch.ones((), dtype=torch.bool, device=attention_mask.device)
-        visible = visible.expand(*lead, n_prefix)
-        if attention_mask.dtype == torch.bool:
-            pad = visible
-        else:  # additive float mask
-            pad = torch.zeros((), dtype=attention_mask.dtype, device=attention_mask.device).expand(*lead, n_prefix)
-            pad = pad.masked_fill(~visible, torch.finfo(attention_mask.dtype).min)
-        attention_mask = torch.cat([pad, attention_mask.expand(*lead, attention_mask.shape[-1])], dim=-1)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, is_causal=False, **kwargs)
+        if real is None and pm is None:
+            return None
+        if real is None:
+            real = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+        rows = batch if pm is not None else 1
+        visible = pm if pm is not None else torch.ones(1, 1, 1, n_prefix, dtype=torch.bool, device=device)
+        return torch.cat([visible.expand(rows, 1, q_len, n_prefix), real.expand(rows, 1, q_len, kv_len)],
+                         dim=-1)  # (B|1, 1, q, P + kv)
+    lead = (max(attention_mask.shape[0], pm.shape[0] if pm is not None else 1), attention_mask.shape[1],
+            attention_mask.shape[2])
+    visible = pm if pm is not None else torch.ones((), dtype=torch.bool, device=attention_mask.device)
+    visible = visible.expand(*lead, n_prefix)
+    if attention_mask.dtype == torch.bool:
+        pad = visible
+    else:  # additive float mask
+        pad = torch.zeros((), dtype=attention_mask.dtype, device=attention_mask.device).expand(*lead, n_prefix)
+        pad = pad.masked_fill(~visible, torch.finfo(attention_mask.dtype).min)
+    return torch.cat([pad, attention_mask.expand(*lead, attention_mask.shape[-1])], dim=-1)
 
 
 def _decode_step_attention(module, query, key, value, pk, pv, attention_mask, state, tag, batch, scaling):
-    """softmax([q Pk^T, q K^T]) [Pv; V] for one query token, as two matmuls merged through a shared max,
-    so the cache's keys are read in place instead of being copied behind the prefix at every step.
+    """softmax([q Pk^T, q K^T]) [Pv; V] for one query token: the scores against the prefix and against the
+    cache are computed apart and joined (small: one score per key), so neither the cache's keys are copied
+    behind the prefix at every step, nor the prefix repeated for every row or beam.
 
-    query (B, H, 1, hd); key/value (B, n_kv, kv, hd); pk/pv (B, n_kv, P, hd). Grouped-query heads are
-    handled by viewing the H query heads as (n_kv, H / n_kv) groups.
+    query (B, H, 1, hd); key/value (B, n_kv, kv, hd); pk/pv (B0, n_kv, P, hd) with B0 dividing B (1: one
+    prefix for every row; the batch before beam expansion: consecutive rows share a prefix; B). Grouped-query
+    heads are handled by viewing the H query heads as (n_kv, H / n_kv) groups.
     """
     B, H, _, hd = query.shape
     n_kv = key.shape[1]
+    g = H // n_kv
+    b0, P = pk.shape[0], pk.shape[2]
+    if B % b0:
+        raise ValueError(f"prefix has {b0} rows but the attention call has a batch of {B}; cannot broadcast")
+    r = B // b0  # rows sharing each prefix row
     scale = scaling if scaling is not None else hd ** -0.5
-    q = query.reshape(B, n_kv, H // n_kv, hd)  # (B, n_kv, g, hd)
-    s_real = torch.matmul(q, key.transpose(-1, -2)) * scale  # (B, n_kv, g, kv)
-    s_pref = torch.matmul(q, pk.transpose(-1, -2)) * scale  # (B, n_kv, g, P)
-    neg = torch.finfo(s_real.dtype).min
-    if attention_mask is not None:  # (B|1, 1, 1, kv), bool (True = attend) or additive
-        m = attention_mask.reshape(attention_mask.shape[0], 1, 1, attention_mask.shape[-1])
-        s_real = s_real.masked_fill(~m, neg) if m.dtype == torch.bool else s_real + m
-    pm = state.prefix_mask.get(tag.site) if state.prefix_mask else None
-    if pm is not None:
-        s_pref = s_pref.masked_fill(~match_rows(pm, batch, "prefix mask")[:, None, None, :], neg)
-    top = torch.maximum(s_real.amax(-1, keepdim=True), s_pref.amax(-1, keepdim=True))
-    e_real, e_pref = torch.exp(s_real - top), torch.exp(s_pref - top)
-    z = e_real.sum(-1, keepdim=True) + e_pref.sum(-1, keepdim=True)
-    out = (torch.matmul(e_real, value) + torch.matmul(e_pref, pv)) / z  # (B, n_kv, g, hd)
+    q = query.reshape(B, n_kv, g, hd)  # (B, n_kv, g, hd)
+    s_real = torch.matmul(q, key.transpose(-1, -2))  # (B, n_kv, g, kv)
+    # rows sharing a prefix row are stacked as extra queries of it: (B0, n_kv, r * g, hd) x (B0, n_kv, hd, P)
+    q_shared = q.view(b0, r, n_kv, g, hd).transpose(1, 2).reshape(b0, n_kv, r * g, hd)
+    s_pref = torch.matmul(q_shared, pk.transpose(-1, -2))  # (B0, n_kv, r * g, P)
+    s_pref = s_pref.view(b0, n_kv, r, g, P).transpose(1, 2).reshape(B, n_kv, g, P)
+    scores = torch.cat([s_pref, s_real], dim=-1) * scale  # (B, n_kv, g, P + kv)
+    keep = _decode_mask(attention_mask, state, tag.site, B, P, key.shape[2], scores.device)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min) if keep.dtype == torch.bool \
+            else scores + keep
+    probs = torch.softmax(scores, dim=-1)
+    p_pref = probs[..., :P].reshape(b0, r, n_kv, g, P).transpose(1, 2).reshape(b0, n_kv, r * g, P)
+    out_pref = torch.matmul(p_pref, pv).view(b0, n_kv, r, g, hd).transpose(1, 2).reshape(B, n_kv, g, hd)
+    out = out_pref + torch.matmul(probs[..., P:], value)  # (B, n_kv, g, hd)
     return out.reshape(B, H, 1, hd).transpose(1, 2).contiguous(), None  # (B, 1, H, hd) as sdpa returns
+
+
+def _decode_mask(attention_mask, state, site, batch, n_prefix, kv_len, device):
+    """(B|1, 1, 1, P + kv) mask of a decoding step, bool (True = attend) or additive; None = attend to all.
+    Built once per step and site (every layer gets the same mask object), like the prefill's."""
+    shape = ("decode", batch, n_prefix, kv_len)
+    cached = state.masks.get(site)
+    if cached is not None and cached[0] is attention_mask and cached[1] == shape:
+        return cached[2]
+    pm = state.prefix_mask.get(site) if state.prefix_mask else None
+    if pm is None and attention_mask is None:
+        keep = None
+    else:
+        if attention_mask is None:
+            real = torch.ones(1, 1, 1, kv_len, dtype=torch.bool, device=device)
+        else:  # (B|1, 1, 1, kv): bool (True = attend) or additive
+            real = attention_mask.reshape(attention_mask.shape[0], 1, 1, attention_mask.shape[-1])
+        rows = batch if pm is not None else real.shape[0]
+        if pm is not None:
+            visible = match_rows(pm, batch, "prefix mask")[:, None, None, :]  # (B, 1, 1, P)
+        else:
+            visible = torch.ones(1, 1, 1, n_prefix, dtype=torch.bool, device=device)
+        if real.dtype != torch.bool:  # additive: the prefix columns as 0 (visible) or the dtype's minimum
+            zero = torch.zeros((), dtype=real.dtype, device=device)
+            visible = zero.expand(visible.shape).masked_fill(~visible, torch.finfo(real.dtype).min)
+        keep = torch.cat([visible.expand(rows, 1, 1, n_prefix), real.expand(rows, 1, 1, kv_len)], dim=-1)
+    state.masks[site] = (attention_mask, shape, keep)
+    return keep
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, _prefix_attention)

@@ -65,10 +65,14 @@ class PrefixTuningModule(L.LightningModule):
                 f"epoch) made {len(bad)} trainable tensors non-finite ({', '.join(bad[:3])}"
                 f"{', ...' if len(bad) > 3 else ''}): the optimizer overflowed. {self._overflow_hint()}")
 
+    def learning_rate(self) -> float:
+        """optim.lr (data.lr unless set) x optim.lr_scale."""
+        return float(self.optim["lr"]) * float(self.optim.get("lr_scale", 1.0))
+
     def _overflow_hint(self) -> str:
-        lr = self.optim["lr"]
         clip = self.trainer.gradient_clip_val if self._trainer is not None else None
-        return (f"The settings that drive the update: optim.lr={lr} (from data.lr unless set), "
+        return (f"The settings that drive the update: optim.lr={self.optim['lr']} (from data.lr unless set) x "
+                f"optim.lr_scale={self.optim.get('lr_scale', 1.0)}, "
                 f"trainer.gradient_clip_val={clip}, trainer.precision="
                 f"{self.trainer.precision if self._trainer is not None else '?'}; lower optim.lr or set "
                 f"trainer.gradient_clip_val=1.0, then resume from the last checkpoint or start again.")
@@ -93,7 +97,7 @@ class PrefixTuningModule(L.LightningModule):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.optim["lr"],
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate(),
                                 weight_decay=self.optim.get("weight_decay", 0.0),
                                 betas=tuple(self.optim.get("betas", (0.9, 0.999))),
                                 eps=self.optim.get("eps", 1e-8))

@@ -228,13 +228,16 @@ def run_test_split(cfg, module: PrefixTuningModule, data: PrefixDataModule, best
     split = cfg.get("test_split", "test")
     result = evaluate_model(module.model, data, split, cfg.decoding, output_dir, batch_size=cfg.decoding.batch_size,
                             progress=bool(cfg.trainer.get("enable_progress_bar", True)),
-                            max_inputs=cfg.get("test_max_inputs"), show_examples=cfg.get("show_examples", 3))
+                            max_inputs=cfg.get("test_max_inputs"), show_examples=cfg.get("show_examples", 3),
+                            stride=cfg.get("test_stride"))
     print(f"[test] {split} ({'best checkpoint' if best else 'final weights'}):\n" + format_table(result), flush=True)
     prefix = getattr(module.model.method, "prefix", None)
     if prefix is not None and prefix.gated:  # APT's probe on the test inputs: gates_<split>.csv / .png
         from .gates import probe_gates, write_gate_report
 
-        groups = data.eval_groups(split)[: cfg.get("test_max_inputs") or None]
+        from .evaluation import select_inputs
+
+        groups = select_inputs(data.eval_groups(split), cfg.get("test_max_inputs"), cfg.get("test_stride"))
         gates = probe_gates(module.model, [data.featurizer.prompt_ids(g.source) for g in groups])
         write_gate_report(gates, prefix, output_dir, split)
     return {f"test/{k}": v for k, v in result.items()}
