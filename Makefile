@@ -39,6 +39,7 @@ clean:
 bench: venv
 	$(PY) benchmarks/prefix_benchmarks.py
 	$(PY) benchmarks/metrics_e2e.py
+	$(PY) benchmarks/metrics_table_to_text.py
 	$(PY) benchmarks/cpu_bf16.py
 
 # The CPU replays of the paper's findings (README "Results"), one after another: each runs its Hydra multirun
