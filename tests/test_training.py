@@ -305,3 +305,31 @@ def test_debug_fdr_decodes_two_inputs_and_never_starts_java(tmp_path, monkeypatc
     metrics = train(compose_cfg(["trainer=cpu", "trainer.enable_progress_bar=false", "debug=fdr"], tmp_path))
     assert decoded == [2] and "val/BLEU" in metrics
     assert not any(k.startswith("test/") for k in metrics)
+
+
+def test_lr_scale_multiplies_the_step_size_the_optimizer_uses(tmp_path):
+    """optim.lr_scale (swept by experiment=replay_lr) reaches AdamW: the first logged learning rate of a
+    run with scale 0.25 is a quarter of the run with scale 1, both from the same data.lr."""
+    from prefixtuning.training import train
+
+    first = {}
+    for scale in (1.0, 0.25):
+        out = tmp_path / str(scale)
+        train(compose_cfg([*SMALL, f"optim.lr_scale={scale}", "test_after_training=false"], out))
+        lrs = [json.loads(line)["lr-AdamW"] for line in (out / "metrics.jsonl").read_text().splitlines()
+               if "lr-AdamW" in json.loads(line)]
+        assert lrs, "no learning rate was logged"
+        first[scale] = lrs[0]
+    assert first[1.0] > 0 and abs(first[0.25] / first[1.0] - 0.25) < 1e-9
+
+
+def test_select_inputs_takes_every_kth_then_the_first_n():
+    from prefixtuning.evaluation import select_inputs
+
+    items = list(range(20))
+    assert select_inputs(items) == items
+    assert select_inputs(items, stride=9) == [0, 9, 18]
+    assert select_inputs(items, max_inputs=2, stride=3) == [0, 3]
+    assert select_inputs(items, max_inputs=5) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        select_inputs(items, stride=0)

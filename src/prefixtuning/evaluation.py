@@ -46,7 +46,7 @@ def select_inputs(groups: list, max_inputs: int | None = None, stride: int | Non
     """The evaluation inputs a run decodes: every `stride`-th input in the official order (1, 2, ...: a
     subset that follows the split's mix, e.g. WebNLG's seen and unseen categories), then the first
     `max_inputs` of those. The same for train.py's test pass, evaluate.py and the gate probe."""
-    stride = int(stride or 1)
+    stride = 1 if stride is None else int(stride)
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
     groups = list(groups)[::stride]
