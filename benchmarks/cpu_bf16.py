@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from machine import cpu_model  # noqa: E402
 
 from prefixtuning.backbone import Backbone  # noqa: E402
 from prefixtuning.data.datamodule import PrefixDataModule  # noqa: E402
@@ -37,16 +38,6 @@ from prefixtuning.prefixes import build_prefix  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 VARIANTS = ("fp32", "bf16-mixed", "bf16-weights", "bf16")
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def build(variant: str, train_batch):

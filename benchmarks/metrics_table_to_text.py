@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from machine import cpu_model
 from prefixtuning.metrics import score_task
 from prefixtuning.metrics.files import read_lines
 from prefixtuning.metrics.tasks import groups_from_files, webnlg_normalize
@@ -82,9 +82,7 @@ def main():
     ap.add_argument("--skip-reference", action="store_true", help="do not run sacrebleu's TER for equality")
     args = ap.parse_args()
     data = Path(args.data_dir)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
-    print(f"machine: {cpu}, {os.cpu_count()} cpus")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cpus")
     rows = []
 
     hyps = read_lines(data / "metric_parity" / "webnlg_test_bart_large_system.txt")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -44,6 +43,8 @@ from dataclasses import dataclass
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from machine import cpu_flags, cpu_model  # noqa: E402
 
 TARGETS = {"train_vs_peft": 0.90, "train_vs_full": 0.60, "mem_vs_peft": 1.00, "gen_P10": 0.95, "gen_P200": 0.85,
            "mixed": 8.0}
@@ -73,16 +74,6 @@ SHAPES = {
     "smollm2-P10": Shape("smollm2-P10", "llama", 8, 32, 32, 10),
     "bart-P200": Shape("bart-P200", "bart", 4, 512, 64, 200, gen_batch=8, beam_batch=2),
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def random_model(arch: str):
@@ -370,8 +361,7 @@ def bench_bf16(rows, repeats):
     ratio = med(times["ours-bf16-mixed"]) / med(times["ours"])
     print(f"bf16-mixed vs fp32 train step: {spread(times['ours-bf16-mixed'], 1000)} vs {spread(times['ours'], 1000)} ms, "
           f"ratio {ratio:.3f}", flush=True)
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    have = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or ["no bf16 instructions"]
+    have = cpu_flags("avx512_bf16", "amx_bf16") or ["no bf16 instructions"]
     rows.append(dict(part="bf16", shape="gpt2-P10", what=f"train step, bf16-mixed autocast vs float32 (CPU: {', '.join(have)})",
                      ours=spread(times["ours-bf16-mixed"], 1000) + " ms", ref="float32 " + spread(times["ours"], 1000) + " ms",
                      ratio=ratio, target="(reported)", ok=None))
