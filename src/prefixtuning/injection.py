@@ -122,16 +122,22 @@ def _prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     # The mask with the prefix columns is the same for every layer of a site within one forward pass (the
     # model hands each layer the same mask object): build it once per pass and site, reuse it after.
-    shape = (batch, q_len, kv_len, n_prefix, bool(is_causal))
-    cached = state.masks.get(tag.site)
-    if cached is not None and cached[0] is attention_mask and cached[1] == shape:
-        attention_mask = cached[2]
-    else:
-        given = attention_mask
-        attention_mask = _mask_with_prefix(attention_mask, state, tag.site, batch, q_len, kv_len, n_prefix,
-                                           is_causal, query.device)
-        state.masks[tag.site] = (given, shape, attention_mask)
+    attention_mask = _cached_mask_with_prefix(attention_mask, state, tag.site, batch, q_len, kv_len, n_prefix,
+                                              is_causal, query.device)
     return sdpa_attention_forward(module, query, key, value, attention_mask, is_causal=False, **kwargs)
+
+
+def _cached_mask_with_prefix(attention_mask, state, site, batch, q_len, kv_len, n_prefix, is_causal, device):
+    """`_mask_with_prefix`, built once per forward pass (or decoding step) and site: every layer of a site
+    gets the same mask object from the model, so the last one built is reused while that object and the
+    shapes are the same."""
+    shape = (batch, q_len, kv_len, n_prefix, bool(is_causal))
+    cached = state.masks.get(site)
+    if cached is not None and cached[0] is attention_mask and cached[1] == shape:
+        return cached[2]
+    built = _mask_with_prefix(attention_mask, state, site, batch, q_len, kv_len, n_prefix, is_causal, device)
+    state.masks[site] = (attention_mask, shape, built)
+    return built
 
 
 def _mask_with_prefix(attention_mask, state, site, batch, q_len, kv_len, n_prefix, is_causal, device):
@@ -191,7 +197,8 @@ def _decode_step_attention(module, query, key, value, pk, pv, attention_mask, st
     s_pref = torch.matmul(q_shared, pk.transpose(-1, -2))  # (B0, n_kv, r * g, P)
     s_pref = s_pref.view(b0, n_kv, r, g, P).transpose(1, 2).reshape(B, n_kv, g, P)
     scores = torch.cat([s_pref, s_real], dim=-1) * scale  # (B, n_kv, g, P + kv)
-    keep = _decode_mask(attention_mask, state, tag.site, B, P, key.shape[2], scores.device)
+    # (B|1, 1, 1, P + kv), bool (True = attend) or additive; None = attend to all
+    keep = _cached_mask_with_prefix(attention_mask, state, tag.site, B, 1, key.shape[2], P, False, scores.device)
     if keep is not None:
         scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min) if keep.dtype == torch.bool \
             else scores + keep
@@ -200,34 +207,6 @@ def _decode_step_attention(module, query, key, value, pk, pv, attention_mask, st
     out_pref = torch.matmul(p_pref, pv).view(b0, n_kv, r, g, hd).transpose(1, 2).reshape(B, n_kv, g, hd)
     out = out_pref + torch.matmul(probs[..., P:], value)  # (B, n_kv, g, hd)
     return out.reshape(B, H, 1, hd).transpose(1, 2).contiguous(), None  # (B, 1, H, hd) as sdpa returns
-
-
-def _decode_mask(attention_mask, state, site, batch, n_prefix, kv_len, device):
-    """(B|1, 1, 1, P + kv) mask of a decoding step, bool (True = attend) or additive; None = attend to all.
-    Built once per step and site (every layer gets the same mask object), like the prefill's."""
-    shape = ("decode", batch, n_prefix, kv_len)
-    cached = state.masks.get(site)
-    if cached is not None and cached[0] is attention_mask and cached[1] == shape:
-        return cached[2]
-    pm = state.prefix_mask.get(site) if state.prefix_mask else None
-    if pm is None and attention_mask is None:
-        keep = None
-    else:
-        if attention_mask is None:
-            real = torch.ones(1, 1, 1, kv_len, dtype=torch.bool, device=device)
-        else:  # (B|1, 1, 1, kv): bool (True = attend) or additive
-            real = attention_mask.reshape(attention_mask.shape[0], 1, 1, attention_mask.shape[-1])
-        rows = batch if pm is not None else real.shape[0]
-        if pm is not None:
-            visible = match_rows(pm, batch, "prefix mask")[:, None, None, :]  # (B, 1, 1, P)
-        else:
-            visible = torch.ones(1, 1, 1, n_prefix, dtype=torch.bool, device=device)
-        if real.dtype != torch.bool:  # additive: the prefix columns as 0 (visible) or the dtype's minimum
-            zero = torch.zeros((), dtype=real.dtype, device=device)
-            visible = zero.expand(visible.shape).masked_fill(~visible, torch.finfo(real.dtype).min)
-        keep = torch.cat([visible.expand(rows, 1, 1, n_prefix), real.expand(rows, 1, 1, kv_len)], dim=-1)
-    state.masks[site] = (attention_mask, shape, keep)
-    return keep
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, _prefix_attention)
