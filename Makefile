@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv train test test-slow test-all bench replay clean
+.PHONY: venv train test test-slow test-all test-gpu bench replay clean
 
 venv: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ test-slow: venv
 
 test-all: venv
 	$(PY) -m pytest -q
+
+# The CUDA checks (tests/test_cuda.py; skipped where torch sees no GPU, as on CI).
+test-gpu: venv
+	$(PY) -m pytest tests/test_cuda.py -q
 
 # Built backbones live in $$PREFIXTUNING_CACHE or ~/.cache/prefixtuning (shared by every checkout); not removed here.
 clean:

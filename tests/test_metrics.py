@@ -4,6 +4,7 @@ import csv
 import math
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,27 @@ def test_java_missing_skips_with_a_sentence(monkeypatch, tmp_path):
     assert set(res["scores"]) == {"BLEU", "NIST"}
     for name in ("METEOR", "ROUGE_L", "CIDEr"):
         assert name in res["skipped"] and "Java is not installed" in res["skipped"][name]
+
+
+@pytest.mark.parametrize("task, module, pip, skipped, kept", [
+    ("e2e", "pycocoevalcap", "pycocoevalcap", {"METEOR", "ROUGE_L", "CIDEr"}, {"BLEU", "NIST"}),
+    ("webnlg", "unidecode", "Unidecode", {"all/BLEU", "all/METEOR", "all/TER"}, set()),
+    ("xsum", "rouge_score", "rouge-score", {"ROUGE-1", "ROUGE-2", "ROUGE-L"}, set()),
+])
+def test_missing_python_package_skips_with_a_sentence_naming_it(monkeypatch, task, module, pip, skipped, kept):
+    """A metric package that is not installed is named, and only its metrics are skipped: no traceback after
+    training, no wrong number."""
+    for name in list(sys.modules):
+        if name == module or name.startswith(module + "."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError, as when not installed
+    hyps = ["the cat sat on the mat", "a dog"]
+    refs = {"e2e": [["the cat sat on a mat"], ["the dog"]], "webnlg": [["the cat sat on a mat", "the dog"]],
+            "xsum": ["the cat sat on a mat", "the dog"]}[task]
+    res = score_task(task, hyps, refs)
+    assert set(res["scores"]) == kept and set(res["skipped"]) == skipped
+    for reason in res["skipped"].values():
+        assert f"the Python package `{pip}` is not installed" in reason and f"pip install {pip}" in reason
 
 
 def test_mteval_tokenization_rules():

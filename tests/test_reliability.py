@@ -231,3 +231,16 @@ def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tmp_path
     cli([f"hydra.run.dir={run}", "ckpt_path=last"])
     a, b = _final_prefix(tmp_path / "full"), _final_prefix(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_device_auto_picks_what_is_there_and_a_missing_gpu_is_named():
+    from prefixtuning.evaluation import eval_device
+
+    assert eval_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert eval_device(None) == eval_device("auto")
+    assert eval_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device='gpu0' \(eval.yaml\): not a torch device"):
+        eval_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda' \(eval.yaml\): this machine has no CUDA GPU"):
+            eval_device("cuda")

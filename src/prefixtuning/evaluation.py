@@ -25,7 +25,9 @@ def reference_loss(model, loader) -> dict:
     total, tokens = 0.0, 0
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     for batch in loader:
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         loss = model(**batch).loss
         n = int((batch["labels"] != IGNORE).sum())
         total += loss.item() * n
@@ -84,10 +86,28 @@ def format_table(metrics: dict) -> str:
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
 
 
+def eval_device(name: str | None) -> torch.device:
+    """evaluate.py's `device`: auto = the GPU when CUDA has one, else the CPU; a device that is not there is
+    an error naming the field, not a silent fall-back."""
+    name = "auto" if name is None else str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device={name!r} (eval.yaml): not a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} (eval.yaml): this machine has no CUDA GPU; use device=cpu or auto")
+    return device
+
+
 def evaluate(cfg) -> dict:
     from .checkpoint import load_trained
 
+    device = eval_device(cfg.get("device"))
     model, run_cfg = load_trained(cfg.ckpt)
+    model.to(device)
+    print(f"[eval] decoding on {device}", flush=True)
     data_cfg = run_cfg.data
     if cfg.get("data_dir") is not None:
         data_cfg = OmegaConf.merge(data_cfg, {"data_dir": cfg.data_dir})

@@ -17,6 +17,7 @@ XSUM     ROUGE-1/2/L F1 from the rouge-score package with the Porter stemmer, av
 
 from __future__ import annotations
 
+import importlib
 import re
 from typing import Callable, Sequence
 
@@ -52,6 +53,22 @@ def _try(result: dict, names: Sequence[str], fn: Callable[[], dict]) -> None:
             result["skipped"][n] = f"{n} skipped: {err}"
 
 
+def _module(name: str, pip: str):
+    """A metric's Python dependency, or MissingDependency naming the package to install (the metric is then
+    reported under "skipped"; the run and its predictions are kept)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise J.MissingDependency(f"the Python package `{pip}` is not installed ({err}); "
+                                  f"pip install {pip}, or `pip install -e .` for the pinned versions") from None
+
+
+def _skip_all(names: Sequence[str], err: Exception) -> dict:
+    out = _result()
+    out["skipped"] = {n: f"{n} skipped: {err}" for n in names}
+    return out
+
+
 def check_refs(hyps: Sequence[str], groups: Sequence[Sequence[str]]) -> None:
     if len(hyps) != len(groups):
         raise ValueError(f"{len(hyps)} outputs but {len(groups)} inputs with references")
@@ -74,6 +91,7 @@ def e2e_metrics(hyps: Sequence[str], refs: Sequence[Sequence[str]], nist_ref_len
     out["scores"].update(mteval_bleu_nist(hyps, refs, nist_ref_length=nist_ref_length))
 
     def coco() -> dict:
+        _module("pycocoevalcap", "pycocoevalcap")
         from pycocoevalcap.cider.cider import Cider
         from pycocoevalcap.rouge.rouge import Rouge
 
@@ -92,7 +110,7 @@ def e2e_metrics(hyps: Sequence[str], refs: Sequence[Sequence[str]], nist_ref_len
 
 def webnlg_normalize(text: str) -> str:
     """The challenge's preprocessing of system outputs: ASCII, lower case, split at non-word chars."""
-    from unidecode import unidecode
+    unidecode = _module("unidecode", "Unidecode").unidecode
 
     t = unidecode(text.strip())
     t = " ".join(re.split(r"(\W)", unidecode(t.lower())))
@@ -140,9 +158,12 @@ def webnlg_metrics(hyps: Sequence[str], ref_files: Sequence[Sequence[str]],
                    metrics: Sequence[str] = TABLE_METRICS) -> dict:
     """ref_files[k][i]: k-th reference of input i ('' if none). subsets: name -> input indices
     (e.g. seen / unseen); "all" is always reported. Scores are keyed "<subset>/<metric>"."""
-    norm = [webnlg_normalize(h) for h in hyps]
     subsets = {"all": range(len(hyps)), **(subsets or {})}
     subsets = {k: list(v) for k, v in subsets.items()}
+    try:
+        norm = [webnlg_normalize(h) for h in hyps]
+    except J.MissingDependency as err:  # every metric scores the normalized outputs
+        return _skip_all([f"{s}/{m}" for s in subsets for m in metrics], err)
     return _table_to_text(norm, ref_files, subsets, n_refs, True, metrics, prefix=True)
 
 
@@ -160,13 +181,15 @@ def dart_metrics(hyps: Sequence[str], ref_files: Sequence[Sequence[str]], n_refs
 
 @register_task("xsum")
 def xsum_metrics(hyps: Sequence[str], refs: Sequence[str]) -> dict:
-    from rouge_score import rouge_scorer
-
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} summaries but {len(refs)} references")
     empty = [i + 1 for i, r in enumerate(refs) if not r.strip()]
     if empty:
         raise ValueError(f"{len(empty)} empty reference summaries (first at line {empty[0]})")
+    try:
+        rouge_scorer = _module("rouge_score.rouge_scorer", "rouge-score")
+    except J.MissingDependency as err:
+        return _skip_all(["ROUGE-1", "ROUGE-2", "ROUGE-L"], err)
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     totals = {"ROUGE-1": 0.0, "ROUGE-2": 0.0, "ROUGE-L": 0.0}
     for h, r in zip(hyps, refs):
