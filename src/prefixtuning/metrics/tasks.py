@@ -1,7 +1,7 @@
 """Task metrics, each computed as the task's official scorer does (see ngram.py, java.py).
 
 Every function returns {"scores": {name: value}, "skipped": {name: reason}}; a metric whose
-dependency is missing (Java, a jar, a model) is listed under "skipped" with a sentence, never
+dependency is missing (Java, a jar, a model, a Python package) is listed under "skipped" with a sentence, never
 reported with a wrong value.
 
 E2E      tuetschek/e2e-metrics: BLEU, NIST (MT-Eval v13a, significance variant), and METEOR 1.5,
