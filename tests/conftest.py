@@ -38,8 +38,8 @@ def make_model(family: str, kind: str = "static", length: int = 4, seed: int = 0
 # The fast suite trains on the tiny GPT-2 backbone, not on the root default (SmolLM2-135M), with the
 # learning rate and length that suit a tiny backbone on the E2E sample. An override of the same key, an
 # experiment or another dataset (which brings its own recipe) takes precedence.
-TINY_RECIPE = {"backbone": "tiny-gpt2", "init": "random", "data.lr": "1.0e-2", "data.batch_size": "16",
-               "data.epochs": "5"}
+TINY_RECIPE = {"backbone": "tiny-gpt2", "init": "random", "optim.lr": "1.0e-2", "data.batch_size": "16",
+               "optim.epochs": "5"}
 
 
 def tiny_overrides(overrides: list[str]) -> list[str]:

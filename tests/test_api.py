@@ -7,13 +7,13 @@ import torch
 from conftest import compose_cfg
 from prefixtuning.training import train
 
-SMALL = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.limit_train_batches=2", "data.epochs=1",
+SMALL = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.limit_train_batches=2", "optim.epochs=1",
          "test_after_training=false", "val_generation.enabled=false", "validate_before_training=false"]
 
 
 def test_three_lines_from_export_and_checkpoint_equal_the_evaluate_path(tmp_path):
     from prefixtuning import PrefixTuned
-    from prefixtuning.checkpoint import load_trained
+    from prefixtuning.loading import load_trained
     from prefixtuning.data.datamodule import PrefixDataModule
     from prefixtuning.decoding import decode
     from prefixtuning.export import export_checkpoint
@@ -54,7 +54,17 @@ def test_triples_and_other_methods(tmp_path):
     triples = [("Aarhus_Airport", "cityServed", "Aarhus")]
     assert model.linearize(triples) == "Aarhus_Airport : cityServed : Aarhus"
     out = model.generate([triples], num_beams=1, max_new_tokens=4, min_new_tokens=1)
-    assert len(out) == 1 and isinstance(out[0], str)
+    # equal to evaluate.py's path on the checkpoint, fed the linearized triple through the dataset's featurizer
+    from omegaconf import OmegaConf
+    from prefixtuning.data.datamodule import PrefixDataModule
+    from prefixtuning.decoding import decode
+    from prefixtuning.loading import load_trained
+
+    m, cfg = load_trained(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    dm = PrefixDataModule(cfg.data, m.backbone.tokenizer, False)
+    dec = OmegaConf.merge(cfg.decoding, {"num_beams": 1, "max_new_tokens": 4, "min_new_tokens": 1})
+    assert out == decode(m, [dm.featurizer.prompt_ids("Aarhus_Airport : cityServed : Aarhus")], dec, progress=False)
+    assert len(out) == 1 and out[0].strip()  # min_new_tokens=1: something was generated
     saved = model.save_pretrained(tmp_path / "lora")
     assert (saved / "method.json").is_file()
     assert PrefixTuned.from_pretrained(saved).generate([triples], num_beams=1, max_new_tokens=4,

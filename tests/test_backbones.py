@@ -17,20 +17,58 @@ def _bart_batch(tok):
     return enc["input_ids"], enc["attention_mask"], labels
 
 
-def test_bart_each_site_changes_the_output():
+SITE_MODULES = {"encoder": ("encoder", "self_attn"), "decoder": ("decoder", "self_attn"),
+                "cross": ("decoder", "encoder_attn")}
+
+
+def _site_outputs(model, site, run):
+    """The attention output of every layer of `site` during `run()` (forward hooks on the attention modules)."""
+    stack, attr = SITE_MODULES[site]
+    layers = getattr(model.backbone.model.model, stack).layers
+    outs, handles = [], []
+    for layer in layers:
+        handles.append(getattr(layer, attr).register_forward_hook(lambda mod, a, out: outs.append(out[0].clone())))
+    try:
+        result = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, result
+
+
+def test_bart_each_site_acts_where_it_is_and_reaches_the_logits():
+    """Each site's prefix changes that site's attention output at every layer, and its effect on the logits is
+    exactly the effect it has on what flows on. Measured where the prefix acts, not as a fixed change of the
+    logits: how much a tiny BART's decoder reads its encoder depends on the machine that pretrained it."""
     m = make_model("bart", length=4)
     ids, mask, labels = _bart_batch(m.backbone.tokenizer)
+    bart = m.backbone.model
     with torch.no_grad():
         m.backbone.injector.deactivate()
-        plain = m.backbone.model(input_ids=ids, attention_mask=mask, labels=labels).logits
-        full = m(ids, mask, labels=labels).logits
-        assert (full - plain).abs().max() > 1e-3
+        plain = bart(input_ids=ids, attention_mask=mask, labels=labels).logits
         for site in ("encoder", "decoder", "cross"):
             only = build_prefix({"kind": "static", "length": 4, "sites": [site]}, m.backbone.geometry)
             only.set_key_values({site: (m.prefix.keys[site].data, m.prefix.values[site].data)})
             m_site = type(m)(m.backbone, only)
-            out = m_site(ids, mask, labels=labels).logits
-            assert (out - plain).abs().max() > 1e-3, f"{site} prefix has no effect"
+            m.backbone.injector.deactivate()
+            base, _ = _site_outputs(m_site, site, lambda: bart(input_ids=ids, attention_mask=mask, labels=labels))
+            with_prefix, out = _site_outputs(m_site, site, lambda: m_site(ids, mask, labels=labels))
+            assert len(base) == len(with_prefix) == m.backbone.geometry.sites[site].n_layers
+            for layer, (a, b) in enumerate(zip(base, with_prefix)):
+                # a N(0, 1) prefix of 4 keys against a handful of real ones: the attention output moves by O(1)
+                change = (a - b).abs().amax() / a.abs().amax().clamp(min=1e-6)
+                assert change > 0.05, f"{site} layer {layer}: the prefix changed the attention output by {change:.2e}"
+            assert not torch.equal(out.logits, plain), f"{site} prefix does not reach the logits"
+            if site == "encoder":
+                # the encoder prefix acts on the logits only through the encoder's output: feeding that output
+                # to the plain decoder gives the same logits
+                m_site.method.activate(m.backbone, mask)
+                enc = bart.get_encoder()(input_ids=ids, attention_mask=mask)
+                m.backbone.injector.deactivate()
+                chained = bart(encoder_outputs=enc, attention_mask=mask, labels=labels).logits
+                torch.testing.assert_close(out.logits, chained, atol=1e-6, rtol=0)
+                assert not torch.equal(enc.last_hidden_state, bart.get_encoder()(input_ids=ids, attention_mask=mask)
+                                       .last_hidden_state)
 
 
 @pytest.mark.parametrize("kind,kw", KINDS)

@@ -21,7 +21,7 @@ def _run(args):
 
 def test_export_cli_writes_the_inference_prefix(tmp_path):
     train(compose_cfg(["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.limit_train_batches=2",
-                       "data.epochs=1", "test_after_training=false", "val_generation.enabled=false",
+                       "optim.epochs=1", "test_after_training=false", "val_generation.enabled=false",
                        "prefix=reparam", "prefix.mid_dim=16"], tmp_path / "run"))
     proc = _run(["export.py", f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'exp'}",
                  f"hydra.run.dir={tmp_path / 'hydra'}"])

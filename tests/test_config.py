@@ -69,7 +69,7 @@ def test_trainer_options_build(tmp_path, trainer):
     if cfg.trainer.accelerator == "gpu":  # no GPU here: same arguments on the CPU
         cfg.trainer.accelerator = "cpu"
     t = build_trainer(cfg, Path(tmp_path))
-    assert isinstance(t, L.Trainer) and t.max_epochs == cfg.data.epochs
+    assert isinstance(t, L.Trainer) and t.max_epochs == cfg.optim.epochs
 
 
 @pytest.mark.parametrize("logger", options("logger"))
@@ -78,19 +78,40 @@ def test_logger_options_build(tmp_path, logger, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     cfg = compose_cfg([f"logger={logger}"], tmp_path)
     lg = build_logger(cfg, Path(tmp_path))
-    assert lg is not False
+    expected = {"csv": "ContinuingCSVLogger", "wandb": "WandbLogger"}[cfg.logger.kind]
+    assert type(lg).__name__ == expected
+    assert Path(lg.save_dir) == Path(tmp_path)  # the run folder, not a logger default
 
 
-@pytest.mark.parametrize("name", options("experiment"))
-def test_experiments_compose(tmp_path, name):
-    cfg = compose_cfg([f"experiment={name}"], tmp_path)
-    OmegaConf.to_container(cfg, resolve=True)
+def file_settings(path: Path) -> dict:
+    """The dotted keys a global config file sets itself (not its defaults list or Hydra's own settings)."""
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    flat = {}
+
+    def walk(prefix, n):
+        for k, v in n.items():
+            if isinstance(v, dict) and v:
+                walk(f"{prefix}{k}.", v)
+            else:
+                flat[f"{prefix}{k}"] = v
+    walk("", {k: v for k, v in node.items() if k not in ("defaults", "hydra")})
+    return flat
 
 
-@pytest.mark.parametrize("name", options("debug"))
-def test_debug_options_compose(tmp_path, name):
-    cfg = compose_cfg([f"debug={name}"], tmp_path)
-    OmegaConf.to_container(cfg, resolve=True)
+@pytest.mark.parametrize("group,name", [("experiment", n) for n in options("experiment")]
+                         + [("debug", n) for n in options("debug")])
+def test_a_global_file_composes_and_its_settings_win(tmp_path, group, name):
+    """Each experiment / debug file resolves, and every value it sets is the value of the composed config
+    (none is overridden by a default that comes after it, nor lost to a typo in a key)."""
+    cfg = compose_cfg([f"{group}={name}"], tmp_path)
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    settings = file_settings(CONF / group / f"{name}.yaml")
+    for key, value in settings.items():
+        if isinstance(value, str) and "${" in value:
+            continue  # an interpolation: resolved above
+        got = OmegaConf.select(resolved, key, default="<missing>")
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert got == value, f"{group}/{name}.yaml sets {key}={value!r}, the composed config has {got!r}"
 
 
 @pytest.mark.parametrize("backbone", HUB)
@@ -118,7 +139,7 @@ def test_geometry_of_real_families():
 
 # ---------------------------------------------------------------- every value checked before any model loads
 
-ALL_OPTIONS = [(g, o) for g in ("backbone", "prefix", "init", "decoding", "data", "lowres", "extrapolation",
+ALL_OPTIONS = [(g, o) for g in ("backbone", "prefix", "init", "decoding", "data", "optim", "lowres", "extrapolation",
                                 "trainer", "logger", "experiment", "debug", "method", "row", "hparams_search")
                for o in options(g)]
 

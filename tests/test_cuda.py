@@ -129,8 +129,8 @@ def _run(args):
 
 def test_train_and_evaluate_on_gpu_as_typed(tmp_path):
     out = tmp_path / "run"
-    log = _run(["train.py", "trainer=gpu", "backbone=tiny-gpt2", "init=random", "data.lr=1.0e-2",
-                "data.batch_size=16", "data.max_train_examples=160", "data.max_dev_examples=32", "data.epochs=3",
+    log = _run(["train.py", "trainer=gpu", "backbone=tiny-gpt2", "init=random", "optim.lr=1.0e-2",
+                "data.batch_size=16", "data.max_train_examples=160", "data.max_dev_examples=32", "optim.epochs=3",
                 "test_max_inputs=8",
                 "logger=csv", f"hydra.run.dir={out}"])
     assert "GPU available: True (cuda), used: True" in log

@@ -44,7 +44,7 @@ def _check_run(out_dir, stdout, n_test):
 
 def test_default_command_shrunk_then_evaluate(tmp_path):
     run = tmp_path / "run"
-    stdout = _run(["train.py", "trainer=cpu", "trainer.enable_progress_bar=false", "data.max_train_examples=64", "data.epochs=1",
+    stdout = _run(["train.py", "trainer=cpu", "trainer.enable_progress_bar=false", "data.max_train_examples=64", "optim.epochs=1",
                    "val_generation.max_inputs=2", "test_max_inputs=3", f"hydra.run.dir={run}"])
     metrics, _ = _check_run(run, stdout, 3)
     ev = tmp_path / "eval"

@@ -26,7 +26,8 @@ def test_experiment_composes_with_its_sweep(tmp_path, name):
     with_hydra = compose_cfg([f"experiment={name}"], tmp_path)
     OmegaConf.to_container(with_hydra, resolve=True)
     text = (ROOT / "conf" / "experiment" / f"{name}.yaml").read_text()
-    assert text.startswith("# @package _global_") and "python train.py experiment=" in text or name.startswith("e2e")
+    assert text.startswith("# @package _global_") and f"python train.py -m experiment={name}" in text or \
+        f"python train.py experiment={name}" in text
 
 
 @pytest.mark.parametrize("name", SINGLE)

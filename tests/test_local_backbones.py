@@ -32,7 +32,7 @@ def test_building_a_backbone_keeps_every_random_stream_and_reports_progress(tmp_
 def test_same_seed_same_numbers_on_a_first_run_and_a_second_run(tmp_path):
     """The first run after a fresh clone builds the backbone after seed_everything; it must draw the same
     prefix initialization and data order as every later run."""
-    common = ["trainer=cpu", "trainer.enable_progress_bar=false", "data.epochs=1", "trainer.limit_train_batches=3",
+    common = ["trainer=cpu", "trainer.enable_progress_bar=false", "optim.epochs=1", "trainer.limit_train_batches=3",
               "test_after_training=false", "val_generation.enabled=false", "init=random", "logger=csv",
               f"backbone.cache_dir={tmp_path / 'cache'}"]
     first = train(compose_cfg(common, tmp_path / "first"))  # empty cache: the tiny backbone is built now

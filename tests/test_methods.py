@@ -250,15 +250,15 @@ HARNESS = [(m, f) for m in METHOD_NAMES if m != "prefix" for f in ("gpt2", "bart
 
 @pytest.mark.parametrize("method,family", HARNESS)
 def test_every_method_trains_resumes_exactly_evaluates_and_exports(tmp_path, method, family):
-    from prefixtuning.checkpoint import load_trained
+    from prefixtuning.loading import load_trained
     from prefixtuning.evaluation import evaluate
     from prefixtuning.export import export_checkpoint
 
     from test_training import StopAfterFirstEpoch
 
-    common = SMALL + [f"method={method}", f"backbone=tiny-{family}", "data.epochs=2"]
+    common = SMALL + [f"method={method}", f"backbone=tiny-{family}", "optim.epochs=2"]
     if family == "bart":
-        common += ["data=e2e_sample", "data.lr=1.0e-2", "data.batch_size=16"]
+        common += ["data=e2e_sample", "optim.lr=1.0e-2", "data.batch_size=16"]
     full = train(compose_cfg(common, tmp_path / "full"))
     train(compose_cfg(common, tmp_path / "part"), callbacks=[StopAfterFirstEpoch()])
     resumed = train(compose_cfg(common + ["ckpt_path=last"], tmp_path / "part"))
@@ -284,13 +284,14 @@ def test_every_method_trains_resumes_exactly_evaluates_and_exports(tmp_path, met
 
 
 def test_prefix_bank_refuses_another_methods_export(tmp_path):
-    from prefixtuning.export import ExportError, export_method
+    from prefixtuning.artifacts import ExportError
+    from prefixtuning.export import export_model
     from prefixtuning.serving import PrefixBank
 
     model, cfg = model_for("lora")
     from omegaconf import OmegaConf
 
-    export_method(model, tmp_path / "lora", OmegaConf.to_container(cfg, resolve=True))
+    export_model(model, tmp_path / "lora", OmegaConf.to_container(cfg, resolve=True))
     with pytest.raises(ExportError, match="method=lora export, not a prefix: mixed-prefix batching"):
         PrefixBank(model.backbone).load("x", tmp_path / "lora")
 
@@ -309,11 +310,11 @@ def test_gate_probe_cli_writes_the_heatmap_and_csv(tmp_path):
     import sys
 
     from conftest import ROOT
-    from prefixtuning.checkpoint import load_trained
+    from prefixtuning.loading import load_trained
     from prefixtuning.data.datamodule import PrefixDataModule
     from prefixtuning.gates import probe_gates
 
-    train(compose_cfg(SMALL + ["prefix=apt", "data.epochs=1"], tmp_path / "run"))
+    train(compose_cfg(SMALL + ["prefix=apt", "optim.epochs=1"], tmp_path / "run"))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "prefixtuning.gates", f"ckpt={ckpt}", "split=dev", "max_inputs=6",
@@ -332,7 +333,7 @@ def test_gate_probe_cli_writes_the_heatmap_and_csv(tmp_path):
     examples = [json.loads(l) for l in (tmp_path / "gates" / "gates_dev_examples.jsonl").read_text().splitlines()]
     assert [e["index"] for e in examples] == list(range(6))
     # a model without gates: a sentence, exit status 2
-    train(compose_cfg(SMALL + ["data.epochs=1"], tmp_path / "static"))
+    train(compose_cfg(SMALL + ["optim.epochs=1"], tmp_path / "static"))
     proc = subprocess.run([sys.executable, "-m", "prefixtuning.gates",
                            f"ckpt={tmp_path / 'static' / 'checkpoints' / 'last.ckpt'}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -49,8 +49,8 @@ def test_quickstart_trains_then_uses_the_prefix(tmp_path):
 
 def test_analysis_notebook_draws_a_sweeps_report(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["train.py", "-m", "backbone=tiny-gpt2", "init=random", "data.lr=1.0e-2", "data.batch_size=16",
-            "trainer=cpu", "trainer.enable_progress_bar=false", "trainer.limit_train_batches=2", "data.epochs=1",
+    args = ["train.py", "-m", "backbone=tiny-gpt2", "init=random", "optim.lr=1.0e-2", "data.batch_size=16",
+            "trainer=cpu", "trainer.enable_progress_bar=false", "trainer.limit_train_batches=2", "optim.epochs=1",
             "val_generation.enabled=false", "validate_before_training=false", "test_max_inputs=3",
             "decoding=greedy", "decoding.max_new_tokens=6", "prefix.length=2,3", f"hydra.sweep.dir={sweep}",
             "+hydra.callbacks.report._target_=prefixtuning.report.ReportCallback"]

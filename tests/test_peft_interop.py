@@ -11,7 +11,7 @@ from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, TEXTS, batch, compose_cfg, load_tiny, make_model
-from prefixtuning.export import ExportError
+from prefixtuning.artifacts import ExportError
 from prefixtuning.model import TunedModel
 from prefixtuning.peft_interop import export_peft, load_peft_prefix
 from prefixtuning.serving import PrefixBank
@@ -82,13 +82,13 @@ def test_export_cli_format_peft(tmp_path):
     from prefixtuning.training import train
 
     train(compose_cfg(["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.limit_train_batches=2",
-                       "data.epochs=1", "test_after_training=false", "val_generation.enabled=false"], tmp_path / "run"))
+                       "optim.epochs=1", "test_after_training=false", "val_generation.enabled=false"], tmp_path / "run"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "export.py", f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
                            f"out={tmp_path / 'peft'}", "format=peft", f"hydra.run.dir={tmp_path / 'h'}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from prefixtuning.checkpoint import load_trained
+    from prefixtuning.loading import load_trained
 
     model, _ = load_trained(tmp_path / "run" / "checkpoints" / "last.ckpt")
     peft = PeftModel.from_pretrained(_base(model), tmp_path / "peft").eval()

@@ -30,7 +30,7 @@ from prefixtuning.training import train
 SMALL = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.limit_train_batches=3",
          "test_after_training=false", "val_generation.enabled=false", "logger=csv"]
 # the same run as a user types it (train.py composes the root default, so the tiny recipe is spelled out)
-CLI_TINY = ["backbone=tiny-gpt2", "init=random", "data.lr=1.0e-2", "data.batch_size=16", *SMALL]
+CLI_TINY = ["backbone=tiny-gpt2", "init=random", "optim.lr=1.0e-2", "data.batch_size=16", *SMALL]
 
 
 def folder_digest(folder: Path) -> dict:
@@ -63,7 +63,7 @@ class InjectNaN(L.Callback):
 # ---------------------------------------------------------------- 1. never continue on garbage
 
 def test_nan_at_a_chosen_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = compose_cfg(SMALL + ["data.epochs=3"], tmp_path)
+    cfg = compose_cfg(SMALL + ["optim.epochs=3"], tmp_path)
     with pytest.raises(NonFiniteError) as err:
         train(cfg, callbacks=[InjectNaN(step=4)])  # epoch 1 (3 steps per epoch), after epoch 0's checkpoint
     msg = str(err.value)
@@ -78,7 +78,7 @@ def test_nan_at_a_chosen_step_stops_the_run_and_keeps_the_last_good_checkpoint(t
 
 
 def test_overflowing_learning_rate_exits_nonzero_naming_the_setting(tmp_path):
-    proc = cli(CLI_TINY + ["data.epochs=1", "optim.lr=1e30", f"hydra.run.dir={tmp_path}"], expect_ok=False)
+    proc = cli(CLI_TINY + ["optim.epochs=1", "optim.lr=1e30", f"hydra.run.dir={tmp_path}"], expect_ok=False)
     assert proc.returncode != 0
     err = proc.stderr
     assert "NonFiniteError" in err and "optim.lr=1e+30" in err, err[-2000:]
@@ -104,7 +104,7 @@ def test_ckpt_path_last_without_a_checkpoint_is_an_error_and_touches_nothing(tmp
 
 def test_resume_restores_the_runs_own_settings_refuses_changes_and_keeps_logs(tmp_path):
     run = tmp_path / "run"
-    first = cli(CLI_TINY + ["data.epochs=1", f"hydra.run.dir={run}"])
+    first = cli(CLI_TINY + ["optim.epochs=1", f"hydra.run.dir={run}"])
     console = first.stdout + first.stderr
     assert console.count("GPU available") == 1, "each Lightning log line is printed once"
     assert (run / "train.log").read_text().count("GPU available") == 1  # and kept once in the run's log
@@ -115,12 +115,12 @@ def test_resume_restores_the_runs_own_settings_refuses_changes_and_keeps_logs(tm
     assert (run / "csv" / "metrics.csv").read_text().splitlines()[: len(csv_before)] == csv_before
     # a changed setting is refused, and the folder stays byte-identical
     before = folder_digest(run)
-    proc = cli([f"hydra.run.dir={run}", "ckpt_path=last", "data.epochs=2"], expect_ok=False)
+    proc = cli([f"hydra.run.dir={run}", "ckpt_path=last", "optim.epochs=2"], expect_ok=False)
     assert proc.returncode != 0
-    assert "data.epochs: 1 in the run, 2 now" in proc.stderr and "resume_allow_changes=true" in proc.stderr
+    assert "optim.epochs: 1 in the run, 2 now" in proc.stderr and "resume_allow_changes=true" in proc.stderr
     assert folder_digest(run) == before
     # by explicit choice: continues with a warning, and every log continues
-    proc = cli([f"hydra.run.dir={run}", "ckpt_path=last", "data.epochs=2", "resume_allow_changes=true"])
+    proc = cli([f"hydra.run.dir={run}", "ckpt_path=last", "optim.epochs=2", "resume_allow_changes=true"])
     assert "WARNING: resume_allow_changes=true" in proc.stdout
     after = (run / "csv" / "metrics.csv").read_text().splitlines()
     assert after[: len(csv_before)] == csv_before and len(after) > len(csv_before)
@@ -130,13 +130,13 @@ def test_resume_restores_the_runs_own_settings_refuses_changes_and_keeps_logs(tm
 
 
 def test_corrupt_checkpoint_is_named_and_the_last_good_one_offered(tmp_path):
-    train(compose_cfg(SMALL + ["data.epochs=1"], tmp_path))
+    train(compose_cfg(SMALL + ["optim.epochs=1"], tmp_path))
     last = tmp_path / "checkpoints" / "last.ckpt"
     good = [p for p in (tmp_path / "checkpoints").glob("*.ckpt") if p != last]
     last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a crash of another tool
     before = folder_digest(tmp_path)
     with pytest.raises(ResumeError) as err:
-        train(compose_cfg(SMALL + ["data.epochs=1", "ckpt_path=last"], tmp_path))
+        train(compose_cfg(SMALL + ["optim.epochs=1", "ckpt_path=last"], tmp_path))
     msg = str(err.value)
     assert f"checkpoint {last} is corrupt" in msg and f"ckpt_path={good[-1]}" in msg
     assert folder_digest(tmp_path) == before
@@ -145,7 +145,7 @@ def test_corrupt_checkpoint_is_named_and_the_last_good_one_offered(tmp_path):
 def test_last_checkpoint_follows_training_when_the_metric_stops_improving(tmp_path):
     """Lightning's save_last refreshed last.ckpt only with a new best: with a metric that never improves
     after epoch 0 (mode=max on a falling loss), ckpt_path=last resumed from epoch 0. It is the latest now."""
-    train(compose_cfg(SMALL + ["data.epochs=3", "checkpoint.mode=max"], tmp_path))
+    train(compose_cfg(SMALL + ["optim.epochs=3", "checkpoint.mode=max"], tmp_path))
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     best = [p for p in (tmp_path / "checkpoints").glob("epoch*.ckpt")]
     assert last["global_step"] == 9 and last["epoch"] == 2
@@ -169,7 +169,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_p
 
     monkeypatch.setattr(LocalFileOpener, "write", dying_write)
     with pytest.raises((KeyboardInterrupt, SystemExit)):  # Lightning turns the interrupt into exit status 1
-        train(compose_cfg(SMALL + ["data.epochs=2"], tmp_path))
+        train(compose_cfg(SMALL + ["optim.epochs=2"], tmp_path))
     monkeypatch.undo()
     for c in (tmp_path / "checkpoints").glob("*.ckpt"):
         assert torch.load(c, weights_only=True)["global_step"] == 3  # whole, from epoch 0
@@ -190,7 +190,7 @@ def test_full_disk_is_reported_with_the_file_and_keeps_earlier_checkpoints(tmp_p
 
     monkeypatch.setattr(LocalFileOpener, "write", full_disk)
     with pytest.raises(RunFolderError) as err:
-        train(compose_cfg(SMALL + ["data.epochs=2"], tmp_path))
+        train(compose_cfg(SMALL + ["optim.epochs=2"], tmp_path))
     monkeypatch.undo()
     assert "No space left on device" in str(err.value) and "untouched" in str(err.value)
     assert str(tmp_path / "checkpoints") in str(err.value)
@@ -214,7 +214,7 @@ def _final_prefix(run: Path) -> dict:
 def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tmp_path):
     import time
 
-    args = CLI_TINY + ["data.epochs=3", "trainer.limit_train_batches=6", "validate_before_training=false"]
+    args = CLI_TINY + ["optim.epochs=3", "trainer.limit_train_batches=6", "validate_before_training=false"]
     cli(args + [f"hydra.run.dir={tmp_path / 'full'}"])
     run = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -13,8 +13,8 @@ import sys
 from conftest import ROOT
 from prefixtuning.report import report
 
-SWEEP = ["backbone=tiny-gpt2", "init=random", "data.lr=1.0e-2", "data.batch_size=16", "trainer=cpu",
-         "trainer.enable_progress_bar=false", "trainer.limit_train_batches=2", "data.epochs=1",
+SWEEP = ["backbone=tiny-gpt2", "init=random", "optim.lr=1.0e-2", "data.batch_size=16", "trainer=cpu",
+         "trainer.enable_progress_bar=false", "trainer.limit_train_batches=2", "optim.epochs=1",
          "val_generation.enabled=false", "validate_before_training=false", "test_max_inputs=3", "decoding=greedy",
          "decoding.max_new_tokens=6", "prefix.length=2,3", "seed=0,1"]
 
@@ -82,15 +82,15 @@ def test_optuna_search_optimizes_the_configured_metric(tmp_path):
     sweep = tmp_path / "optuna"
     _run(["train.py", "hparams_search=optuna", "optimized_metric=val/loss", "optimized_direction=minimize",
           "backbone=tiny-gpt2", "init=random", "data.batch_size=16", "trainer=cpu", "trainer.enable_progress_bar=false",
-          "trainer.limit_train_batches=2", "data.epochs=1", "val_generation.max_inputs=2", "test_after_training=false",
+          "trainer.limit_train_batches=2", "optim.epochs=1", "val_generation.max_inputs=2", "test_after_training=false",
           "validate_before_training=false", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}"])
     best = OmegaConf.load(sweep / "optimization_results.yaml")
     losses = {}
     for job in ("0", "1", "2"):
         ov = dict(o.split("=", 1) for o in OmegaConf.load(sweep / job / ".hydra" / "overrides.yaml"))
-        losses[(float(ov["data.lr"]), int(ov["prefix.length"]))] = json.loads((sweep / job / "metrics.json").read_text())["val/loss"]
+        losses[(float(ov["optim.lr"]), int(ov["prefix.length"]))] = json.loads((sweep / job / "metrics.json").read_text())["val/loss"]
     assert best.best_value == min(losses.values())
-    assert losses[(best.best_params["data.lr"], best.best_params["prefix.length"])] == best.best_value
+    assert losses[(best.best_params["optim.lr"], best.best_params["prefix.length"])] == best.best_value
     assert (sweep / "report" / "summary.md").is_file()
 
 
@@ -98,7 +98,7 @@ def test_a_sweep_on_a_metric_the_runs_do_not_have_fails_loudly(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "train.py", "hparams_search=optuna", "optimized_metric=test/BLUE",
                            "backbone=tiny-gpt2", "init=random", "trainer=cpu", "trainer.enable_progress_bar=false",
-                           "trainer.limit_train_batches=1", "data.epochs=1", "val_generation.enabled=false",
+                           "trainer.limit_train_batches=1", "optim.epochs=1", "val_generation.enabled=false",
                            "test_after_training=false", "validate_before_training=false", "hydra.sweeper.n_trials=1",
                            f"hydra.sweep.dir={tmp_path / 's'}"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from conftest import TEXTS, batch, compose_cfg, load_tiny
-from prefixtuning.export import ExportError, export_prefix, load_prefix
+from prefixtuning.artifacts import ExportError
+from prefixtuning.export import export_prefix
+from prefixtuning.loading import load_prefix
 from prefixtuning.model import PrefixTuningModel
 from prefixtuning.prefixes import build_prefix
 from prefixtuning.serving import PrefixBank, UnknownPrefix, serve_jsonl
@@ -78,12 +80,12 @@ def test_mixed_logits_equal_alone_and_plain_rows():
 
 
 def test_export_reload_gives_identical_logits_to_the_checkpoint(tmp_path):
-    from prefixtuning.checkpoint import load_trained
+    from prefixtuning.loading import load_trained
     from prefixtuning.export import export_checkpoint
     from prefixtuning.training import train
 
     cfg = compose_cfg(["trainer=cpu", "trainer.enable_progress_bar=false", "prefix=reparam", "prefix.mid_dim=32",
-                       "data.max_train_examples=32", "data.epochs=1", "test_after_training=false",
+                       "data.max_train_examples=32", "optim.epochs=1", "test_after_training=false",
                        "val_generation.enabled=false", "validate_before_training=false"], tmp_path / "run")
     train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -144,7 +146,7 @@ def test_bad_exports_and_ids_fail_with_a_sentence_and_the_bank_keeps_serving(tmp
     gpt2, llama = load_tiny("gpt2"), load_tiny("llama")
     torch.manual_seed(0)
     export_prefix(build_prefix({"kind": "static", "length": 3}, gpt2.geometry), gpt2, tmp_path / "good")
-    with pytest.raises(ExportError, match=r"trained on backbone 'tiny-gpt2', not 'tiny-llama'"):
+    with pytest.raises(ExportError, match=r"good was trained with backbone 'tiny-gpt2', but this model has 'tiny-llama'"):
         load_prefix(tmp_path / "good", llama)
     # same id, other geometry: the sentence names the geometry
     meta = json.loads((tmp_path / "good" / "prefix.json").read_text())
@@ -152,7 +154,7 @@ def test_bad_exports_and_ids_fail_with_a_sentence_and_the_bank_keeps_serving(tmp
     (tmp_path / "bad_geo").mkdir()
     (tmp_path / "bad_geo" / "prefix.json").write_text(json.dumps(meta))
     (tmp_path / "bad_geo" / "prefix.safetensors").write_bytes((tmp_path / "good" / "prefix.safetensors").read_bytes())
-    with pytest.raises(ExportError, match=r"exported for geometry .* but backbone tiny-gpt2 has"):
+    with pytest.raises(ExportError, match=r"bad_geo was trained with geometry .*'n_layers': 24.* but this model has .*'n_layers': 2"):
         load_prefix(tmp_path / "bad_geo", gpt2)
     # truncated weights
     (tmp_path / "trunc").mkdir()

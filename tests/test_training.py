@@ -73,7 +73,7 @@ class StopAfterFirstEpoch(L.Callback):
 
 
 def test_checkpoint_holds_only_prefix_and_resume_is_exact(tmp_path):
-    common = SMALL + ["data.epochs=2", "validate_before_training=false"]
+    common = SMALL + ["optim.epochs=2", "validate_before_training=false"]
     full = train(compose_cfg(common, tmp_path / "full"))
     first = train(compose_cfg(common, tmp_path / "part"), callbacks=[StopAfterFirstEpoch()])
     # resume in the same run folder with ckpt_path=last (Lightning finds checkpoints/last.ckpt)
@@ -92,7 +92,7 @@ def test_checkpoint_holds_only_prefix_and_resume_is_exact(tmp_path):
 
 
 def test_checkpoint_for_another_backbone_is_refused(tmp_path):
-    common = SMALL + ["data.epochs=1", "validate_before_training=false", "trainer.limit_train_batches=1"]
+    common = SMALL + ["optim.epochs=1", "validate_before_training=false", "trainer.limit_train_batches=1"]
     train(compose_cfg(common, tmp_path / "a"))
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     from prefixtuning.resume import ResumeError
@@ -101,7 +101,7 @@ def test_checkpoint_for_another_backbone_is_refused(tmp_path):
     with pytest.raises(ResumeError, match="backbone.name_or_path: 'tiny-gpt2' in the run, 'tiny-llama' now"):
         train(compose_cfg(common + ["backbone=tiny-llama", f"ckpt_path={last}"], tmp_path / "b"))
     # and, even when changes are allowed, by the checkpoint's own identity check
-    with pytest.raises(Exception, match="trained with backbone 'tiny-gpt2', but this run has 'tiny-llama'"):
+    with pytest.raises(Exception, match="trained with backbone 'tiny-gpt2', but this model has 'tiny-llama'"):
         train(compose_cfg(common + ["backbone=tiny-llama", f"ckpt_path={last}", "resume_allow_changes=true"],
                           tmp_path / "b"))
 
@@ -131,7 +131,7 @@ def test_evaluate_reloads_the_checkpoint_and_repeats_exactly(tmp_path):
 
     from prefixtuning.evaluation import evaluate
 
-    metrics = train(compose_cfg(SMALL + ["data.epochs=1", "validate_before_training=false",
+    metrics = train(compose_cfg(SMALL + ["optim.epochs=1", "validate_before_training=false",
                                          "test_after_training=true"], tmp_path / "run"))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     runs = [evaluate(compose_cfg([f"ckpt={ckpt}", "split=test", "progress=false"], tmp_path / f"eval{i}",
@@ -205,7 +205,7 @@ def test_wandb_logger_offline_run(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "run"))
-    metrics = train(compose_cfg(SMALL + ["logger=wandb", "data.epochs=1", "validate_before_training=false",
+    metrics = train(compose_cfg(SMALL + ["logger=wandb", "optim.epochs=1", "validate_before_training=false",
                                          "trainer.limit_train_batches=2"], tmp_path / "run"))
     runs = list((tmp_path / "run").glob("**/offline-run-*"))
     assert runs and any(runs[0].glob("*.wandb")), list((tmp_path / "run").rglob("*"))[:20]
@@ -217,12 +217,12 @@ def test_wandb_run_continues_on_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "run"))
     common = SMALL + ["logger=wandb", "validate_before_training=false", "trainer.limit_train_batches=2"]
-    train(compose_cfg(common + ["data.epochs=1"], tmp_path / "run"))
+    train(compose_cfg(common + ["optim.epochs=1"], tmp_path / "run"))
     run_id = (tmp_path / "run" / "wandb_run_id.txt").read_text().strip()
     import wandb
 
     wandb.finish()  # the first process ends here
-    train(compose_cfg(common + ["data.epochs=2", "ckpt_path=last", "resume_allow_changes=true"], tmp_path / "run"))
+    train(compose_cfg(common + ["optim.epochs=2", "ckpt_path=last", "resume_allow_changes=true"], tmp_path / "run"))
     wandb.finish()
     segments = sorted((tmp_path / "run").glob("**/offline-run-*"))
     assert segments and all(s.name.endswith("-" + run_id) for s in segments), segments
@@ -260,7 +260,7 @@ def test_wandb_run_holds_what_a_sweep_needs(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "run"))
     small = [o for o in SMALL if not o.startswith(("test_after_training", "logger"))]
-    metrics = train(compose_cfg(small + ["test_after_training=true", "logger=wandb", "prefix=apt", "data.epochs=2",
+    metrics = train(compose_cfg(small + ["test_after_training=true", "logger=wandb", "prefix=apt", "optim.epochs=2",
                                          "trainer.limit_train_batches=2",
                                          "trainer.log_every_n_steps=1",
                                          "val_generation.max_inputs=3", "test_max_inputs=3"], tmp_path / "run"))
@@ -309,7 +309,7 @@ def test_debug_fdr_decodes_two_inputs_and_never_starts_java(tmp_path, monkeypatc
 
 def test_lr_scale_multiplies_the_step_size_the_optimizer_uses(tmp_path):
     """optim.lr_scale (swept by experiment=replay_lr) reaches AdamW: the first logged learning rate of a
-    run with scale 0.25 is a quarter of the run with scale 1, both from the same data.lr."""
+    run with scale 0.25 is a quarter of the run with scale 1, both from the same optim.lr."""
     from prefixtuning.training import train
 
     first = {}

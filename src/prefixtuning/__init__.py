@@ -18,6 +18,8 @@ def __getattr__(name):  # the API loads torch and transformers only when it is u
 
 from omegaconf import OmegaConf
 
+from .cache import default_cache_dir
+
 # The paper's low-data runs train for 200 steps at sizes 50/100/200 and 400 steps at size 500.
 LOWRES_STEPS = {50: 200, 100: 200, 200: 200, 500: 400}
 
@@ -32,7 +34,6 @@ if not OmegaConf.has_resolver("lowres_steps"):
 
 
 def _cache_dir() -> str:
-    from .local_backbones import default_cache_dir
     return str(default_cache_dir())
 
 

@@ -13,6 +13,13 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
+from .data.e2e import linearize_mr
+from .data.features import Featurizer
+from .data.triples import linearize_triples
+from .decoding import decode
+from .export import export_model
+from .loading import load_trained
+
 
 class PrefixTuned:
     """A frozen backbone with its trained method (a prefix, or any baseline of `method/`), the dataset's
@@ -25,8 +32,6 @@ class PrefixTuned:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "PrefixTuned":
         """Load an export directory (export.py / `save_pretrained`) or a train.py checkpoint (.ckpt)."""
-        from .checkpoint import load_trained
-
         model, cfg = load_trained(path)
         return cls(model, cfg)
 
@@ -40,14 +45,10 @@ class PrefixTuned:
         if isinstance(item, str):
             return item
         if isinstance(item, dict):
-            from .data.e2e import linearize_mr
-
             if not item:
                 raise ValueError("an empty meaning representation")
             return linearize_mr(", ".join(f"{k}[{v}]" for k, v in item.items()))  # checked like the data files
         if isinstance(item, (list, tuple)) and item and all(isinstance(t, (list, tuple)) and len(t) == 3 for t in item):
-            from .data.triples import linearize_triples
-
             return linearize_triples([tuple(map(str, t)) for t in item])
         raise TypeError(f"cannot read {item!r} as an input: give a dict of slots, a list of (s, p, o) triples, "
                         f"or text")
@@ -55,9 +56,6 @@ class PrefixTuned:
     def generate(self, inputs: Sequence[Any], batch_size: int = 16, progress: bool = False, **decoding) -> list[str]:
         """Outputs for `inputs`, in order, decoded with the run's settings (`decoding/` group of the
         training config), overridden by keyword arguments (num_beams=5, max_new_tokens=..., ...)."""
-        from .data.features import Featurizer
-        from .decoding import decode
-
         cfg = OmegaConf.merge(self.config.decoding, decoding)
         feat = Featurizer(self.model.backbone.tokenizer, self.model.backbone.is_encoder_decoder,
                           max_source_tokens=self.config.data.get("max_source_tokens"))
@@ -68,5 +66,5 @@ class PrefixTuned:
         """Write what inference needs (the prefix without its MLP, or the method's trained tensors) and the
         training config; `from_pretrained(path)` loads it back."""
         path = Path(path)
-        self.model.method.export(self.model, path, OmegaConf.to_container(self.config, resolve=True))
+        export_model(self.model, path, OmegaConf.to_container(self.config, resolve=True))
         return path

@@ -8,6 +8,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from .decoding import decode
+
 
 def _scalars(metrics: dict) -> dict:
     out = {}
@@ -57,7 +59,6 @@ class GenerationValidation(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.sanity_checking or trainer.current_epoch % self.every:
             return
-        from .decoding import decode
 
         if self._groups is None:
             self._groups = self.dm.eval_groups(self.split)[: self.max_inputs]

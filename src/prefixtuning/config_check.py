@@ -1,73 +1,33 @@
 """Every value of train.py's composed config checked for type and range, and every key for a reader, before
-any model is loaded. One table (`SCHEMA`) says what each key may hold; a key absent from it is an error
-(nothing would read it: a typo such as `+data.bach_size=4` must not be ignored).
+any model is loaded. A key nothing reads is an error (a typo such as `+data.bach_size=4` must not be ignored).
 
-Rules of the table: `dotted.key -> Spec`. A key ending in `.*` covers every key under it. Prefix and init
-keys are checked against the kind selected (`mid_dim` only for `reparam`, `text` only for word inits).
-Trainer keys are Lightning's: any argument of `lightning.Trainer` is accepted, with types checked for the
-ones this project sets.
+Where a key's `Spec` comes from:
+- `prefix.*`, `method.*`, `init.*`: the `settings` the selected kind declares next to its constructor
+  (`Prefix.settings`, `Method.settings`, `initialization.INIT_SETTINGS`); a key another kind declares is
+  refused with the kinds that read it. A new kind adds its keys in its own file, nowhere else.
+- the shared groups (data, optim, decoding, ...): the table `_schema()` below (`dotted.key -> Spec`; a key
+  ending in `.*` covers every key under it).
+- `trainer.*`: any argument of `lightning.Trainer`, with types checked for the ones this project sets.
+
+evaluate.py's and export.py's configs are checked by `check_eval_config` / `check_export_config`.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-from typing import Any
 
+import lightning as L
 from omegaconf import OmegaConf
 
-
-class ConfigError(ValueError):
-    """A config that cannot work; raised before any model is loaded or any training starts."""
-
-
-@dataclass(frozen=True)
-class Spec:
-    types: tuple
-    null: bool = False
-    min: float | None = None
-    max: float | None = None
-    choices: tuple | None = None
-    above: float | None = None  # strictly greater than
-
-    def check(self, key: str, value: Any) -> None:
-        if value is None:
-            if not self.null:
-                raise ConfigError(f"{key} must not be null (expected {self._what()})")
-            return
-        ok = isinstance(value, self.types) and not (isinstance(value, bool) and bool not in self.types)
-        if not ok and float in self.types and isinstance(value, int) and not isinstance(value, bool):
-            ok = True  # an int where a float is expected (lr=1 is fine)
-        if not ok:
-            raise ConfigError(f"{key}={value!r} is a {type(value).__name__}; expected {self._what()}")
-        if self.choices is not None and value not in self.choices:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, self.choices))}")
-        if self.min is not None and value < self.min:
-            raise ConfigError(f"{key}={value!r} is below its minimum {self.min}")
-        if self.max is not None and value > self.max:
-            raise ConfigError(f"{key}={value!r} is above its maximum {self.max}")
-        if self.above is not None and value <= self.above:
-            raise ConfigError(f"{key}={value!r} must be greater than {self.above}")
-
-    def _what(self) -> str:
-        names = "/".join(t.__name__ for t in self.types)
-        return names + (" or null" if self.null else "")
-
-
-def S(*types, **kw) -> Spec:
-    return Spec(tuple(types), **kw)
-
-
-INT, FLOAT, STR, BOOL, LIST = int, float, str, bool, list
-SPLITS = ("train", "dev", "test")
+from .data.base import DATASETS
+from .initialization import INIT_SETTINGS
+from .methods import METHODS
+from .prefixes import PREFIXES
+from .lightning_module import SCHEDULES
+from .settings import BOOL, FLOAT, INT, LIST, SPLITS, STR, ConfigError, S, Spec
 
 
 def _schema() -> dict[str, Spec]:
-    from .data.base import DATASETS
-    from .initialization import INIT_KINDS
-    from .methods import METHODS
-    from .prefixes import PREFIXES
-
     return {
         "task_name": S(STR), "seed": S(INT, min=0), "optimized_metric": S(STR),
         "optimized_direction": S(STR, choices=("minimize", "maximize")), "ckpt_path": S(STR, null=True),
@@ -79,21 +39,15 @@ def _schema() -> dict[str, Spec]:
         "val_generation.max_inputs": S(INT, min=1), "val_generation.num_beams": S(INT, min=1),
         "val_generation.every_n_epochs": S(INT, min=1), "val_generation.log_samples": S(INT, min=0),
         "checkpoint.monitor": S(STR), "checkpoint.mode": S(STR, choices=("min", "max")),
-        "optim.lr": S(FLOAT, above=0), "optim.lr_scale": S(FLOAT, above=0), "optim.weight_decay": S(FLOAT, min=0), "optim.warmup_steps": S(INT, min=0),
+        "optim.lr": S(FLOAT, above=0), "optim.lr_scale": S(FLOAT, above=0), "optim.weight_decay": S(FLOAT, min=0),
+        "optim.warmup_steps": S(INT, min=0), "optim.schedule": S(STR, choices=SCHEDULES),
+        "optim.gradient_clip_val": S(FLOAT, null=True, min=0), "optim.epochs": S(INT, min=1),
         "backbone.name_or_path": S(STR), "backbone.offline_substitute": S(STR, null=True),
         "backbone.dtype": S(STR, choices=("float32", "bfloat16", "float16")),
         "backbone.dropout": S(FLOAT, null=True, min=0, max=1), "backbone.gradient_checkpointing": S(BOOL),
         "backbone.cache_dir": S(STR, null=True),
-        "method.kind": S(STR, choices=tuple(METHODS)), "method.layers": S(INT, min=1),
-        "method.share": S(FLOAT, null=True, above=0, max=1), "method.bottleneck": S(INT, null=True, min=1),
-        "method.activation": S(STR, choices=("relu", "gelu", "tanh")), "method.length": S(INT, min=1),
-        "method.rank": S(INT, min=1), "method.alpha": S(FLOAT, above=0), "method.dropout": S(FLOAT, min=0, max=1),
-        "method.targets": S(LIST, null=True),
-        "prefix.kind": S(STR, choices=(*PREFIXES, "none")), "prefix.length": S(INT, min=1),
-        "prefix.sites": S(LIST, null=True), "prefix.shift_positions": S(BOOL),
-        "prefix.mid_dim": S(INT, min=1), "prefix.gate_init_std": S(FLOAT, min=0),
-        "prefix.gate_bias_init": S(FLOAT), "prefix.dropout": S(FLOAT, min=0, max=1),
-        "init.kind": S(STR, choices=(*INIT_KINDS, "none")), "init.text": S(STR), "init.std": S(FLOAT, null=True, above=0),
+        "method.kind": S(STR, choices=tuple(METHODS)), "prefix.kind": S(STR, choices=(*PREFIXES, "none")),
+        "init.kind": S(STR, choices=(*INIT_SETTINGS, "none")),
         "decoding.num_beams": S(INT, min=1), "decoding.min_new_tokens": S(INT, min=0),
         "decoding.max_new_tokens": S(INT, min=1), "decoding.length_penalty": S(FLOAT),
         "decoding.no_repeat_ngram_size": S(INT, min=0), "decoding.no_newlines": S(BOOL),
@@ -102,7 +56,6 @@ def _schema() -> dict[str, Spec]:
         "data.files": S(dict, null=True), "data.files.*": S(STR, BOOL, null=True),
         "data.batch_size": S(INT, min=1), "data.eval_batch_size": S(INT, min=1), "data.num_workers": S(INT, min=0),
         "data.max_train_examples": S(INT, null=True, min=1), "data.max_dev_examples": S(INT, null=True, min=1),
-        "data.lr": S(FLOAT, above=0), "data.epochs": S(INT, min=1), "data.warmup_steps": S(INT, min=0),
         "data.prefix_length": S(INT, min=1), "data.max_source_tokens": S(INT, null=True, min=1),
         "lowres.enabled": S(BOOL), "lowres.size": S(INT, min=1), "lowres.sample": S(INT, min=0),
         "lowres.dev_fraction": S(FLOAT, above=0, max=1),
@@ -115,15 +68,32 @@ def _schema() -> dict[str, Spec]:
     }
 
 
-# keys only the selected kind reads
-KIND_KEYS = {"prefix.mid_dim": ("prefix.kind", ("reparam",)), "prefix.gate_init_std": ("prefix.kind", ("apt",)),
-             "prefix.gate_bias_init": ("prefix.kind", ("apt",)),
-             "prefix.dropout": ("prefix.kind", ("static", "reparam", "apt")),
-             "init.text": ("init.kind", ("task_words", "irrelevant_words")), "init.std": ("init.kind", ("random",)),
-             "method.layers": ("method.kind", ("finetune_top2",)),
-             **{f"method.{k}": ("method.kind", ("adapter",)) for k in ("share", "bottleneck", "activation")},
-             "method.length": ("method.kind", ("prompt",)),
-             **{f"method.{k}": ("method.kind", ("lora",)) for k in ("rank", "alpha", "dropout", "targets")}}
+# the groups whose keys the selected kind declares: group -> (its kind key, kind -> {key: Spec})
+def _kind_settings() -> dict[str, tuple[str, dict[str, dict[str, Spec]]]]:
+    return {"prefix": ("prefix.kind", {k: c.settings for k, c in PREFIXES.items()}),
+            "method": ("method.kind", {k: c.settings for k, c in METHODS.items()}),
+            "init": ("init.kind", INIT_SETTINGS)}
+
+
+def _kind_spec(cfg, key: str) -> Spec | None:
+    """The Spec the selected kind declares for `key` (prefix.*, method.*, init.*); None for other groups."""
+    group, _, name = key.partition(".")
+    table = _kind_settings().get(group)
+    if table is None or name == "kind":
+        return None
+    sel, kinds = table
+    selected = OmegaConf.select(cfg, sel)
+    spec = kinds.get(selected, {}).get(name)
+    if spec is None:
+        readers = sorted(k for k, keys in kinds.items() if name in keys)
+        if readers:
+            raise ConfigError(f"config key {key} is read only when {sel} is {' or '.join(readers)}, but "
+                              f"{sel}={selected}")
+        raise ConfigError(f"config key {key} is not read by anything (a typo?); {sel}={selected} reads "
+                          f"{', '.join(f'{group}.{k}' for k in kinds.get(selected, {})) or 'no other key'}")
+    return spec
+
+
 # keys of a group that no kind reads when the group is switched off (prefix=none, init=none)
 GROUP_OFF = {"prefix": "prefix.kind", "init": "init.kind"}
 
@@ -156,23 +126,15 @@ def check_train_config(cfg) -> None:
     trainer = c.pop("trainer", {}) or {}
     schema = _schema()
     for key, value in _leaves(c):
-        spec = schema.get(key)
+        spec = schema.get(key) or _kind_spec(cfg, key)
         if spec is None:
             parent = key.rsplit(".", 1)[0] + ".*" if "." in key else None
             spec = schema.get(parent) if parent else None
         if spec is None:
             raise ConfigError(f"config key {key} is not read by anything (a typo?); the keys of "
                               f"{key.split('.')[0]} are: {', '.join(k for k in schema if k.startswith(key.split('.')[0] + '.')) or 'none'}")
-        if key in KIND_KEYS:
-            sel, kinds = KIND_KEYS[key]
-            selected = OmegaConf.select(cfg, sel)
-            if selected not in kinds:
-                raise ConfigError(f"config key {key} is read only when {sel} is {' or '.join(kinds)}, but "
-                                  f"{sel}={selected}")
         spec.check(key, value)
     _check_groups(cfg)
-    import lightning as L
-
     allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     for key, value in trainer.items():
         if key not in allowed:
@@ -183,8 +145,6 @@ def check_train_config(cfg) -> None:
 
 def _check_groups(cfg) -> None:
     """The prefix/ and init/ groups are read by the methods that declare them, and only by those."""
-    from .methods import METHODS
-
     kind = OmegaConf.select(cfg, "method.kind") or "prefix"
     reads = METHODS[kind].reads
     for group, sel in GROUP_OFF.items():

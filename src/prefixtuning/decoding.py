@@ -83,7 +83,7 @@ def decode(model: PrefixTuningModel, prompts: Sequence[list[int]], cfg, batch_si
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
-    gated = getattr(getattr(model.method, "prefix", None), "gated", False)
+    gated = model.method.gated
     gates: dict = {}
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]

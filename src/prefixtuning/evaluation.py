@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from .data.datamodule import PrefixDataModule
 from .data.features import IGNORE
 from .decoding import decode
+from .loading import load_trained
 
 
 @torch.no_grad()
@@ -102,8 +103,6 @@ def eval_device(name: str | None) -> torch.device:
 
 
 def evaluate(cfg) -> dict:
-    from .checkpoint import load_trained
-
     device = eval_device(cfg.get("device"))
     model, run_cfg = load_trained(cfg.ckpt)
     model.to(device)

@@ -35,9 +35,13 @@ def method_config(cfg) -> dict:
     return _plain(cfg.method) if cfg.get("method") is not None else {"kind": "prefix"}
 
 
+def prefix_config(cfg) -> dict | None:
+    """cfg.prefix (read by the prefix method), or None when the run has no prefix group."""
+    return _plain(cfg.prefix) if cfg.get("prefix") is not None else None
+
+
 def build_model(cfg, backbone: Backbone) -> TunedModel:
-    prefix_cfg = _plain(cfg.prefix) if cfg.get("prefix") is not None else None
-    return TunedModel(backbone, build_method(method_config(cfg), backbone, prefix_cfg=prefix_cfg))
+    return TunedModel(backbone, build_method(method_config(cfg), backbone, prefix_cfg=prefix_config(cfg)))
 
 
 def initialize(cfg, model: TunedModel) -> dict:

@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
+from .data.datamodule import PrefixDataModule
 from .decoding import pad_prompts, place_rows
+from .evaluation import select_inputs
+from .loading import load_trained
 
 
 @torch.no_grad()
 def probe_gates(model, prompts: list[list[int]], batch_size: int = 16) -> dict[tuple[str, int], torch.Tensor]:
     """(site, layer) -> (N, P) token gates alpha of every prompt, in the order given."""
-    prefix = getattr(model.method, "prefix", None)
-    if prefix is None or not prefix.gated:
-        kind = prefix.kind if prefix is not None else f"method={model.method.kind}"
-        raise ValueError(f"the gate probe needs an APT prefix (prefix=apt); this model has {kind}")
+    prefix = model.method.gated_prefix()  # an error naming what the model has instead of APT
     model.eval()
     tok = model.backbone.tokenizer
     device = next(model.backbone.model.parameters()).device
@@ -99,16 +99,11 @@ def main(argv=None) -> int:
               "[per_example=true] [batch_size=16]" + (f"; unknown: {sorted(unknown)}" if unknown else ""),
               file=sys.stderr)
         return 2
-    from .checkpoint import load_trained
-    from .data.datamodule import PrefixDataModule
-
     ckpt = Path(args["ckpt"])
     split = args.get("split", "dev")
     model, run_cfg = load_trained(ckpt)
     dm = PrefixDataModule(run_cfg.data, model.backbone.tokenizer, model.backbone.is_encoder_decoder,
                           seed=run_cfg.get("seed", 0), lowres=run_cfg.get("lowres"), split=run_cfg.get("extrapolation"))
-    from .evaluation import select_inputs
-
     groups = select_inputs(dm.eval_groups(split), args.get("max_inputs"), args.get("stride"))
     prompts = [dm.featurizer.prompt_ids(g.source) for g in groups]
     try:
@@ -117,7 +112,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     default_out = ckpt if ckpt.is_dir() else ckpt.parent.parent
-    paths = write_gate_report(gates, model.prefix, Path(args.get("out", default_out)), split,
+    paths = write_gate_report(gates, model.method.gated_prefix(), Path(args.get("out", default_out)), split,
                               args.get("per_example", "false").lower() in ("1", "true", "yes"))
     print(f"[gates] {len(prompts)} {split} inputs -> " + ", ".join(str(p) for p in paths.values()), flush=True)
     return 0

@@ -19,9 +19,13 @@ from torch import Tensor
 
 from .backbone import Backbone
 from .prefixes import Prefix
+from .settings import FLOAT, STR, S
 
 log = logging.getLogger(__name__)
-INIT_KINDS = ("random", "task_words", "irrelevant_words")
+# The `init.*` keys each kind reads besides `kind` (checked before any work by config_check).
+INIT_SETTINGS = {"random": {"std": S(FLOAT, null=True, above=0)}, "task_words": {"text": S(STR)},
+                 "irrelevant_words": {"text": S(STR)}}
+INIT_KINDS = tuple(INIT_SETTINGS)
 
 
 def tile_ids(ids: list[int], length: int) -> list[int]:
@@ -64,8 +68,8 @@ def initialize_prefix(cfg, prefix: Prefix, backbone: Backbone) -> dict:
         raise ValueError(f"init.kind={kind!r} is not one of {', '.join(INIT_KINDS)}")
     if kind == "random":
         std = cfg.get("std")
-        if std is not None and hasattr(prefix, "reset_random"):
-            prefix.reset_random(float(std))
+        if std is not None:
+            prefix.reset_random(float(std))  # static / apt; reparam keeps its own initialization
         return {"init": "random", "std": std}
     text = cfg["text"]
     target = word_activations(backbone, text, prefix.length)

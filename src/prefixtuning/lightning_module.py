@@ -6,11 +6,15 @@ import random
 
 import lightning as L
 import torch
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from .artifacts import IdentityMismatch, check_identity, check_tensor_names, checkpoint_record
 from .model import PrefixTuningModel
 
 BACKBONE_KEY = "model.backbone."
+# optim.schedule: after `warmup_steps` of linear warm-up, decay linearly to 0 at the last step (the paper's),
+# or keep the learning rate constant
+SCHEDULES = ("linear", "constant")
 
 
 def trainable_keys(module) -> set[str]:
@@ -18,8 +22,8 @@ def trainable_keys(module) -> set[str]:
     return {name for name, p in module.named_parameters() if p.requires_grad}
 
 
-class CheckpointMismatch(RuntimeError):
-    pass
+# A checkpoint of another backbone, geometry or method (the one identity error of artifacts.py).
+CheckpointMismatch = IdentityMismatch
 
 
 class NonFiniteError(FloatingPointError):
@@ -28,9 +32,9 @@ class NonFiniteError(FloatingPointError):
 
 class PrefixTuningModule(L.LightningModule):
     """Training: loss on target tokens only (the collator masks the source with -100), AdamW over the
-    trainable parameters, linear warm-up then linear decay to 0 (as the paper). Checkpoints hold the trainable
-    tensors
-    only; the backbone is named (id + geometry) and checked on load."""
+    trainable parameters with the `optim/` group's settings (linear warm-up, then linear decay to 0 as the
+    paper, or a constant rate). Checkpoints hold the trainable tensors only; the backbone is named (id +
+    geometry) and checked on load."""
 
     def __init__(self, model: PrefixTuningModel, optim: dict, run_config: dict | None = None):
         super().__init__()
@@ -66,16 +70,16 @@ class PrefixTuningModule(L.LightningModule):
                 f"{', ...' if len(bad) > 3 else ''}): the optimizer overflowed. {self._overflow_hint()}")
 
     def learning_rate(self) -> float:
-        """optim.lr (data.lr unless set) x optim.lr_scale."""
+        """optim.lr x optim.lr_scale."""
         return float(self.optim["lr"]) * float(self.optim.get("lr_scale", 1.0))
 
     def _overflow_hint(self) -> str:
         clip = self.trainer.gradient_clip_val if self._trainer is not None else None
-        return (f"The settings that drive the update: optim.lr={self.optim['lr']} (from data.lr unless set) x "
+        return (f"The settings that drive the update: optim.lr={self.optim['lr']} x "
                 f"optim.lr_scale={self.optim.get('lr_scale', 1.0)}, "
-                f"trainer.gradient_clip_val={clip}, trainer.precision="
+                f"optim.gradient_clip_val={clip}, trainer.precision="
                 f"{self.trainer.precision if self._trainer is not None else '?'}; lower optim.lr or set "
-                f"trainer.gradient_clip_val=1.0, then resume from the last checkpoint or start again.")
+                f"optim.gradient_clip_val=1.0, then resume from the last checkpoint or start again.")
 
     def on_validation_epoch_start(self):
         dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
@@ -103,13 +107,18 @@ class PrefixTuningModule(L.LightningModule):
                                 eps=self.optim.get("eps", 1e-8))
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(self.optim.get("warmup_steps", 0))
-        sched = get_linear_schedule_with_warmup(opt, warmup, total)
+        schedule = self.optim.get("schedule", "linear")
+        if schedule == "linear":
+            sched = get_linear_schedule_with_warmup(opt, warmup, total)
+        elif schedule == "constant":
+            sched = get_constant_schedule_with_warmup(opt, warmup)
+        else:
+            raise ValueError(f"optim.schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---------------------------------------------------------------- checkpoints
     def identity(self) -> dict:
-        bb = self.model.backbone
-        return {"backbone": bb.name, "geometry": bb.geometry.to_dict(), "method": self.model.method.describe()}
+        return self.model.identity()
 
     def on_save_checkpoint(self, checkpoint):
         keep = trainable_keys(self)  # the prefix; all weights for finetune; adapters / LoRA / prompt vectors
@@ -141,17 +150,7 @@ def _as_tuple(x):
 
 
 def check_checkpoint(checkpoint: dict, module: PrefixTuningModule, source: str = "checkpoint") -> None:
-    """Fail with a sentence when a checkpoint belongs to another backbone, prefix or geometry."""
-    meta = checkpoint.get("prefixtuning")
-    if meta is None:
-        raise CheckpointMismatch(f"{source} was not written by this project (no 'prefixtuning' entry)")
-    mine = module.identity()
-    for field in ("backbone", "geometry", "method"):
-        if meta.get(field) != mine[field]:
-            raise CheckpointMismatch(f"{source} was trained with {field} {meta.get(field)!r}, "
-                                     f"but this run has {mine[field]!r}")
-    expected = trainable_keys(module)
-    got = set(checkpoint["state_dict"])
-    if got != expected:
-        raise CheckpointMismatch(f"{source} holds tensors {sorted(got ^ expected)} that do not match this "
-                                 f"prefix (missing: {sorted(expected - got)}, unexpected: {sorted(got - expected)})")
+    """Fail with a sentence when a checkpoint belongs to another backbone, method or geometry, or holds other
+    tensors than the ones that train here."""
+    check_identity(source, checkpoint_record(checkpoint, source), module.identity())
+    check_tensor_names(source, checkpoint["state_dict"], trainable_keys(module), "this model's trainable tensors")

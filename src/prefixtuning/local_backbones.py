@@ -31,20 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+
+from .cache import default_cache_dir, publish_dir
+from .tiny import build_tiny
 
 
 class BackboneLoadError(RuntimeError):
     """A backbone that cannot be loaded or built; the message says why and what to do."""
-
-
-def default_cache_dir() -> Path:
-    """Where built backbones live: $PREFIXTUNING_CACHE, else ~/.cache/prefixtuning.
-
-    train.py, evaluate.py, export.py, the serving CLI and `Backbone.load` all resolve it here, so a model
-    is built once per machine, whichever command asks first."""
-    env = os.environ.get("PREFIXTUNING_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "prefixtuning"
 
 
 @contextlib.contextmanager
@@ -53,11 +48,7 @@ def preserved_rng():
     py = random.getstate()
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        import numpy as np
-        npy = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy ships with torch's dependencies here
-        np, npy = None, None
+    npy = np.random.get_state()
     try:
         yield
     finally:
@@ -65,21 +56,7 @@ def preserved_rng():
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
-        if np is not None:
-            np.random.set_state(npy)
-
-
-def publish_dir(tmp: Path, out: Path) -> Path:
-    """Move a finished build into place atomically; concurrent builders (DDP ranks, sweep jobs) never
-    see half a model, and the loser of a race throws its copy away."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if not (out / "DONE").exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        np.random.set_state(npy)
 
 
 # Bump when the conversion below changes, so an older conversion in the cache is not reused.
@@ -169,7 +146,6 @@ SMOLLM2_135M_Q4 = GgufBackbone(
 
 def _tiny_builder(family: str) -> Callable[[Path], Path]:
     def build(cache_dir: Path) -> Path:
-        from .tiny import build_tiny
         return build_tiny(family, cache_dir=cache_dir)
     return build
 

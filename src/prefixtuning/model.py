@@ -10,6 +10,8 @@ from torch import Tensor, nn
 
 from .backbone import Backbone
 from .data.features import IGNORE
+from .methods import Method
+from .methods.prefix import PrefixMethod
 from .prefixes import Prefix
 
 
@@ -34,9 +36,6 @@ class TunedModel(nn.Module):
 
     def __init__(self, backbone: Backbone, method, shift_positions: bool = True, target_logits_only: bool = True):
         super().__init__()
-        from .methods import Method
-        from .methods.prefix import PrefixMethod
-
         if isinstance(method, Prefix):
             method = PrefixMethod(backbone, prefix=method, shift_positions=shift_positions)
         if not isinstance(method, Method):
@@ -51,21 +50,23 @@ class TunedModel(nn.Module):
 
     @property
     def prefix(self) -> Prefix:
-        if not hasattr(self.method, "prefix"):
-            raise AttributeError(f"method={self.method.kind} has no prefix")
-        return self.method.prefix
+        """The prefix method's prefix (NoPrefixError, an AttributeError, for the other methods)."""
+        return self.method.prefix_module()
 
     def __setattr__(self, name, value):
         if name == "prefix":  # swap the prefix of the prefix method (nn.Module would bypass a property setter)
-            if not hasattr(self.method, "prefix"):
-                raise AttributeError(f"method={self.method.kind} has no prefix")
-            self.method.prefix = value
+            self.method.set_prefix(value)
             return
         super().__setattr__(name, value)
 
     @property
     def shift_positions(self) -> bool:
-        return getattr(self.method, "shift_positions", False)
+        return self.method.shift_positions
+
+    def identity(self) -> dict:
+        """What checkpoints and exports record and every loader checks (artifacts.check_identity)."""
+        bb = self.backbone
+        return {"backbone": bb.name, "geometry": bb.geometry.to_dict(), "method": self.method.describe()}
 
     @property
     def position_offset(self) -> int:

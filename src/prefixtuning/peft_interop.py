@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .export import ExportError, inference_prefix
+from .artifacts import ExportError
 from .prefixes import Prefix
 from .prefixes.static import StaticPrefix
 
@@ -38,7 +38,7 @@ def export_peft(prefix: Prefix, backbone, out_dir: str | Path, shift_positions: 
     if not shift_positions:
         raise ExportError("PEFT puts the prefix in the cache, so real tokens start at position P; this prefix was "
                           "trained with prefix.shift_positions=false and would not give the same outputs")
-    served = inference_prefix(prefix)
+    served = prefix.inference()
     if served.gated:
         raise ExportError("APT's token gates and layer scales have no PEFT counterpart; export format=prefixtuning")
     k, v = served.key_values()["decoder"]  # (L, 1, H_kv, P, hd)

@@ -27,7 +27,8 @@ from .backbone import Backbone
 from .local_backbones import HUB_SUBSTITUTES
 from .data.features import Featurizer
 from .decoding import pad_prompts
-from .export import ExportError, load_prefix
+from .artifacts import ExportError
+from .loading import load_prefix
 from .injection import PrefixState
 from .model import real_positions
 from .prefixes import Prefix
@@ -58,15 +59,11 @@ class PrefixBank:
     # ---------------------------------------------------------------- registry
     def load(self, name: str, path: str | Path) -> None:
         """An export of export.py, or an HF PEFT prefix-tuning adapter directory."""
-        from .peft_interop import is_peft_dir, load_peft_prefix
-
-        loader = load_peft_prefix if is_peft_dir(path) else load_prefix
-        prefix, meta = loader(path, self.backbone)
+        prefix, meta = load_prefix(path, self.backbone)
         self.add(name, prefix, meta.get("shift_positions", True))
 
     def add(self, name: str, prefix: Prefix, shift_positions: bool = True) -> None:
-        if hasattr(prefix, "to_static"):
-            prefix = prefix.to_static()
+        prefix = prefix.inference()  # reparam: its computed prefix, the MLP dropped
         self.entries[name] = _Entry(prefix.to(self.device).eval(), bool(shift_positions))
 
     def check_ids(self, prefix_ids: Sequence[str | None]) -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .local_backbones import default_cache_dir, publish_dir
+from .cache import default_cache_dir, publish_dir
+from .data.e2e import linearize_mr, read_e2e_csv, sample_dir
 
 TINY_FAMILIES = ("gpt2", "bart", "llama")
 # Bump when the recipe below changes, so cached builds are not reused across recipes.
@@ -27,8 +28,6 @@ _RECIPE_VERSION = 4
 
 def _corpus() -> list[str]:
     """Text the tokenizer is trained on: the E2E sample that ships with the package, plus ASCII."""
-    from .data.e2e import linearize_mr, read_e2e_csv, sample_dir
-
     lines = []
     for split in ("train", "dev", "test"):
         for ex in read_e2e_csv(sample_dir() / f"{split}.csv"):

@@ -17,16 +17,23 @@ import os
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from .artifacts import read_checkpoint
 from .callbacks import GenerationValidation, JsonlMetrics
+from .checkpoint import SafeCheckpointIO, check_writable
 from .config_check import ConfigError, check_train_config
 from .data.datamodule import PrefixDataModule
+from .decoding import check_generation_positions
+from .evaluation import evaluate_model, format_table, select_inputs
 from .factory import build_model, initialize, load_backbone, parameter_report
+from .gates import probe_gates, write_gate_report
 from .lightning_module import PrefixTuningModule
+from .metrics import java
 from .model import TunedModel
 from .resume import ContinuingCSVLogger, checkpoint_to_resume
+from .wandb_run import GateImages, finish_run, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,28 @@ def check_positions(model: TunedModel, longest: dict[str, int], where: str = "th
             raise ConfigError(msg + "; shorten the inputs or the prefix, or use a backbone with more positions")
 
 
+def check_decoding_positions(cfg, model: TunedModel, data: PrefixDataModule) -> None:
+    """Before training: every prompt the run will decode (the validation generations and the test after
+    training) + decoding.max_new_tokens fits the backbone's positions, so no run fails after its training."""
+    planned = []
+    vg = cfg.get("val_generation")
+    if vg and vg.enabled:
+        planned.append((f"val_generation.split={vg.split}", data.eval_groups(vg.split)[: vg.max_inputs]))
+    if cfg.get("test_after_training"):
+        split = cfg.get("test_split", "test")
+        planned.append((f"test_split={split}", select_inputs(data.eval_groups(split), cfg.get("test_max_inputs"),
+                                                             cfg.get("test_stride"))))
+    for where, groups in planned:
+        if not groups:
+            continue
+        longest = max(len(data.featurizer.prompt_ids(g.source)) for g in groups)
+        try:
+            check_generation_positions(model, longest, int(cfg.decoding.max_new_tokens))
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}; lower decoding.max_new_tokens or data.max_source_tokens, or "
+                              f"shorten the prefix (checked before training)") from None
+
+
 def print_parameter_report(model: TunedModel) -> dict:
     r = parameter_report(model)
     print(f"[params] method={r['method']} ({model.method.summary()}) | trainable {r['trainable_params']:,} = "
@@ -62,9 +91,8 @@ def build_logger(cfg, output_dir: Path):
     if kind == "csv":  # appends to the run's CSV log on resume instead of deleting it
         return ContinuingCSVLogger(save_dir=str(output_dir), name="csv", version="")
     if kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
+        from lightning.pytorch.loggers import WandbLogger  # imports wandb: only when W&B is asked for
 
-        from .wandb_run import run_identity
         mode = cfg.logger.get("mode") or wandb_mode()
         return WandbLogger(project=cfg.logger.project, entity=cfg.logger.get("entity"), **run_identity(cfg),
                            save_dir=str(output_dir), mode=mode, id=wandb_run_id(output_dir), resume="allow",
@@ -112,10 +140,8 @@ def build_trainer(cfg, output_dir: Path, callbacks=()) -> L.Trainer:
     latest = ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
                              enable_version_counter=False)
     cbs = [best, latest, JsonlMetrics(output_dir / "metrics.jsonl", tcfg.get("log_every_n_steps", 10)), *callbacks]
-    from .checkpoint import SafeCheckpointIO
     logger = build_logger(cfg, output_dir)
     if logger:
-        from lightning.pytorch.callbacks import LearningRateMonitor
         cbs.append(LearningRateMonitor(logging_interval="step"))  # lr-AdamW in the logs, every step
     return L.Trainer(logger=logger, callbacks=cbs, default_root_dir=str(output_dir), plugins=[SafeCheckpointIO()],
                      **tcfg)
@@ -148,7 +174,6 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
     check_train_config(cfg)  # types, ranges and unread keys, before any model is loaded
     output_dir = Path(cfg.paths.output_dir)
     resume_from = checkpoint_to_resume(cfg, output_dir)  # checked before the run folder is written to
-    from .checkpoint import check_writable
     check_writable(output_dir)
     if resume_from is None or not (output_dir / "config.yaml").exists():
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # a resume keeps the run's own
@@ -161,10 +186,9 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
                             lowres=cfg.get("lowres"), split=cfg.get("extrapolation"), output_dir=output_dir)
     check_positions(model, data.longest(("train", "dev")), where=f"data={cfg.data.name}")
     vg = cfg.get("val_generation")
-    if vg and vg.enabled:  # decoded at the end of the first epoch: load (and check) its split now
-        data.eval_groups(vg.split)
     if cfg.get("test_after_training"):
         preflight_test(cfg, data)
+    check_decoding_positions(cfg, model, data)  # loads (and checks) the splits that will be decoded
     report = print_parameter_report(model)
 
     module = PrefixTuningModule(model, OmegaConf.to_container(cfg.optim, resolve=True),
@@ -174,7 +198,6 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
         val_decoding = OmegaConf.merge(cfg.decoding, {"num_beams": vg.num_beams})
         callbacks.append(GenerationValidation(data, val_decoding, vg.split, vg.max_inputs, vg.every_n_epochs,
                                               vg.log_samples))
-    from .wandb_run import GateImages
     callbacks.append(GateImages(data, output_dir, vg.max_inputs if vg else 50))  # APT + W&B only
     trainer = build_trainer(cfg, output_dir, callbacks)
     metrics: dict = {**report, "init": init_report}
@@ -191,7 +214,6 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
     if cfg.get("test_after_training") and trainer.global_rank == 0 and not trainer.interrupted:
         metrics.update(run_test_split(cfg, module, data, best, output_dir))
     if trainer.global_rank == 0:
-        from .wandb_run import finish_run
         finish_run(trainer, module.model, cfg, metrics, output_dir)  # summary + artifact (W&B only)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         keys = ("val/loss_start", "val/loss", "train/loss", f"val/{data.dataset.fast_metric_name}")
@@ -205,8 +227,6 @@ def preflight_test(cfg, data: PrefixDataModule) -> None:
     """Before training: the test split loads, and metrics that cannot be computed here are announced."""
     split = cfg.get("test_split", "test")
     n = len(data.eval_groups(split))
-    from .metrics import java
-
     try:
         java.java()
     except java.MissingDependency as err:
@@ -218,9 +238,6 @@ def preflight_test(cfg, data: PrefixDataModule) -> None:
 
 def run_test_split(cfg, module: PrefixTuningModule, data: PrefixDataModule, best: str, output_dir: Path) -> dict:
     """Decode the test split with the best checkpoint's prefix (evaluate.py's code path) and score it."""
-    from .checkpoint import read_checkpoint
-    from .evaluation import evaluate_model, format_table
-
     if best:
         ckpt = read_checkpoint(best)
         module.on_load_checkpoint(ckpt)
@@ -231,13 +248,8 @@ def run_test_split(cfg, module: PrefixTuningModule, data: PrefixDataModule, best
                             max_inputs=cfg.get("test_max_inputs"), show_examples=cfg.get("show_examples", 3),
                             stride=cfg.get("test_stride"))
     print(f"[test] {split} ({'best checkpoint' if best else 'final weights'}):\n" + format_table(result), flush=True)
-    prefix = getattr(module.model.method, "prefix", None)
-    if prefix is not None and prefix.gated:  # APT's probe on the test inputs: gates_<split>.csv / .png
-        from .gates import probe_gates, write_gate_report
-
-        from .evaluation import select_inputs
-
+    if module.model.method.gated:  # APT's probe on the test inputs: gates_<split>.csv / .png
         groups = select_inputs(data.eval_groups(split), cfg.get("test_max_inputs"), cfg.get("test_stride"))
         gates = probe_gates(module.model, [data.featurizer.prompt_ids(g.source) for g in groups])
-        write_gate_report(gates, prefix, output_dir, split)
+        write_gate_report(gates, module.model.method.gated_prefix(), output_dir, split)
     return {f"test/{k}": v for k, v in result.items()}

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import lightning as L
 
+from .export import export_model
+from .gates import probe_gates, write_gate_report
+
 
 def _hydra_runtime():
     try:
@@ -62,10 +65,10 @@ def finish_run(trainer, model, cfg, metrics: dict, output_dir: Path) -> None:
     run = logger.experiment
     for k, v in summary.items():
         run.summary[k] = v
-    import wandb
+    import wandb  # only here: a run logged to W&B (logger=wandb) needs it
 
     export_dir = output_dir / "export"
-    model.method.export(model, export_dir, None)
+    export_model(model, export_dir, None)
     art = wandb.Artifact(name=f"{model.method.kind}-{run.id}", type="model",
                          metadata={"method": model.method.describe(), "backbone": model.backbone.name})
     art.add_dir(str(export_dir))
@@ -80,13 +83,10 @@ class GateImages(L.Callback):
         self.dm, self.out, self.max_inputs = datamodule, Path(output_dir), int(max_inputs)
 
     def on_validation_end(self, trainer, pl_module):
-        prefix = getattr(pl_module.model.method, "prefix", None)
-        if trainer.sanity_checking or prefix is None or not prefix.gated or not is_wandb(trainer.logger):
+        method = pl_module.model.method
+        if trainer.sanity_checking or not method.gated or not is_wandb(trainer.logger) or trainer.global_rank != 0:
             return
-        if trainer.global_rank != 0:
-            return
-        from .gates import probe_gates, write_gate_report
-
+        prefix = method.gated_prefix()
         groups = self.dm.eval_groups("dev")[: self.max_inputs]
         was_training = pl_module.training
         gates = probe_gates(pl_module.model, [self.dm.featurizer.prompt_ids(g.source) for g in groups])

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..metrics import score_task
+from ..metrics.ngram import mteval_bleu_nist
 from .base import DataError, Example, group_references, read_text, register_dataset
 
 # attribute[value]: neither may hold a bracket, so `name[The Eagle, eatType[pub]` (a slot left open) is an
@@ -141,13 +143,11 @@ class E2EData:
 
     @staticmethod
     def score(groups, hyps) -> dict:
-        from ..metrics import score_task
 
         return score_task("e2e", hyps, [list(g.references) for g in groups])
 
     @staticmethod
     def fast_metric(groups, hyps) -> float:
         """The E2E BLEU of MT-Eval (no Java): what validation logs during training."""
-        from ..metrics.ngram import mteval_bleu_nist
 
         return mteval_bleu_nist(hyps, [list(g.references) for g in groups])["BLEU"]

@@ -14,6 +14,8 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from ..metrics import score_task
+from ..metrics.ngram import multi_bleu
 from ..metrics.tasks import webnlg_normalize
 from .base import DataError, EvalGroup, pairs_of, read_text, register_dataset
 
@@ -189,7 +191,6 @@ class TripleData:
     fast_metric_name = "BLEU"
 
     def fast_metric(self, groups, hyps) -> float:
-        from ..metrics.ngram import multi_bleu
 
         return multi_bleu([self.normalize(h) for h in hyps], self.reference_files(groups),
                           lowercase=self.bleu_lowercase)["BLEU"]
@@ -205,7 +206,6 @@ class WebNLGData(TripleData):
 
     def score(self, groups, hyps) -> dict:
         """BLEU / METEOR / TER for all inputs and for the seen and unseen categories."""
-        from ..metrics import score_task
 
         cats = [g.meta.get("category") for g in groups]
         unknown = sorted({c for c in cats if c not in WEBNLG_SEEN + WEBNLG_UNSEEN})
@@ -231,6 +231,5 @@ class DARTData(TripleData):
     def score(self, groups, hyps) -> dict:
         """DART's official BLEU (multi-bleu), METEOR, TER against the first 3 references; outputs are
         lower-cased and tokenized as the official reference files are."""
-        from ..metrics import score_task
 
         return score_task("dart", [self.normalize(h) for h in hyps], self.reference_files(groups))

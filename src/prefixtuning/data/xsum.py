@@ -16,6 +16,7 @@ import json
 import re
 from pathlib import Path
 
+from ..metrics import score_task
 from .base import DataError, Example, EvalGroup, read_text, register_dataset
 
 SPLIT_NAMES = {"train": "train", "dev": "validation", "test": "test"}
@@ -175,7 +176,6 @@ class XSumData:
 
     @staticmethod
     def score(groups, hyps) -> dict:
-        from ..metrics import score_task
 
         return score_task("xsum", hyps, [g.references[0] for g in groups])
 

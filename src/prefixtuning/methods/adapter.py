@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..settings import FLOAT, INT, STR, S
 from .base import Method, register_method
 from .hooks import ATTENTION_OUT, FFN_OUT, find, key, linear_dims
 
@@ -35,6 +36,9 @@ class Adapter(nn.Module):
 
 @register_method("adapter")
 class AdapterMethod(Method):
+    settings = {"share": S(FLOAT, null=True, above=0, max=1), "bottleneck": S(INT, null=True, min=1),
+                "activation": S(STR, choices=("relu", "gelu", "tanh"))}
+
     def __init__(self, backbone, bottleneck: int | None = None, share: float | None = 0.03,
                  activation: str = "relu"):
         if activation not in ACTIVATIONS:

@@ -18,6 +18,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..artifacts import METHOD_EXPORT, Format, check_tensor_names
+from ..prefixes import Prefix
+from ..settings import Spec
+
 METHODS: dict[str, type["Method"]] = {}
 
 
@@ -29,12 +33,20 @@ def register_method(kind: str):
     return deco
 
 
+class NoPrefixError(AttributeError, ValueError):
+    """Asked for the prefix (or its gates) of a method that has none."""
+
+
 class Method(nn.Module):
     kind = "base"
     # root config groups this method reads besides `method` (the others are set to `none` by its config)
     reads = ()
+    # the `method.*` config keys this method reads besides `kind` (checked before any work by config_check)
+    settings: dict[str, Spec] = {}
     # `generate` returns only new tokens (inputs given as embeddings)
     generates_from_embeddings = False
+    # a decoder-only backbone's real tokens start after the method's positions (the prefix method's setting)
+    shift_positions = False
 
     def __init__(self, backbone, **settings):
         super().__init__()
@@ -67,11 +79,45 @@ class Method(nn.Module):
     def initialize(self, init_cfg: dict, backbone) -> dict:
         return {"init": "none", "why": f"method={self.kind} starts from the pretrained weights"}
 
-    def export(self, model, out_dir, config: dict | None = None):
-        """Write what inference needs (export.py); returns the weights file."""
-        from ..export import export_method
+    # ---------------------------------------------------------------- the prefix, for the methods that have one
+    def prefix_module(self) -> Prefix:
+        """The trained prefix (prefix method); other methods raise NoPrefixError with a sentence."""
+        raise NoPrefixError(f"method={self.kind} has no prefix")
 
-        return export_method(model, out_dir, config)
+    def set_prefix(self, prefix: Prefix) -> None:
+        raise NoPrefixError(f"method={self.kind} has no prefix")
+
+    @property
+    def gated(self) -> bool:
+        """True when the method computes APT gates (the gate probe and its heatmaps apply)."""
+        return False
+
+    def gated_prefix(self) -> Prefix:
+        """The APT prefix whose gates the probe reads; an error naming what this model has instead."""
+        raise NoPrefixError(f"the gate probe needs an APT prefix (prefix=apt); this model has method={self.kind}")
+
+    # ---------------------------------------------------------------- export and rebuild
+    # What an export of this method holds: the tensors, the metadata besides identity and config, the format.
+    export_format: Format = METHOD_EXPORT
+
+    def export_payload(self, model) -> tuple[dict[str, Tensor], dict]:
+        """(tensors, metadata) of the export: by default every tensor that trains, named as in the model
+        (every backbone weight for finetune; adapters, LoRA and prompts only theirs)."""
+        tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        return tensors, {"method": self.describe(), "tensors": len(tensors)}
+
+    @classmethod
+    def from_export(cls, backbone, method_cfg: dict, prefix_cfg: dict | None, meta: dict,
+                    tensors: dict[str, Tensor], source: str) -> "Method":
+        """The method an export was written from, before `restore` puts its tensors in (by default: built
+        from the run config, as training built it)."""
+        return build_method(method_cfg, backbone, prefix_cfg=prefix_cfg)
+
+    def restore(self, model, tensors: dict[str, Tensor], source: str) -> None:
+        """Load an export's tensors (as `export_payload` named them) into `model`."""
+        check_tensor_names(source, tensors, [n for n, p in model.named_parameters() if p.requires_grad],
+                           f"method {self.describe()}")
+        model.load_state_dict(tensors, strict=False)
 
     def describe(self) -> dict:
         """Identity stored in checkpoints and exports; a checkpoint loads only into the same description."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..settings import INT, S
 from .base import Method, register_method
 
 
@@ -56,6 +57,8 @@ class FineTuneTop2(Method):
     """The paper's FT-TOP2: only the top 2 transformer layers of the decoder stack train, with the norm
     applied after them (GPT-2 `ln_f`, Llama `norm`) and the LM head when it is not tied to the input
     embeddings (tied heads stay frozen with the embeddings). Everything else stays bit-identical."""
+
+    settings = {"layers": S(INT, min=1)}
 
     def __init__(self, backbone, layers: int = 2):
         super().__init__(backbone, layers=int(layers))

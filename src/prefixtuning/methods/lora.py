@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from ..settings import FLOAT, INT, LIST, S
 from .base import Method, register_method
 from .hooks import LORA_TARGETS, find, key, linear_dims
 
@@ -35,6 +36,9 @@ class LoRALayer(nn.Module):
 
 @register_method("lora")
 class LoRAMethod(Method):
+    settings = {"rank": S(INT, min=1), "alpha": S(FLOAT, above=0), "dropout": S(FLOAT, min=0, max=1),
+                "targets": S(LIST, null=True)}
+
     def __init__(self, backbone, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  targets: list[str] | None = None):
         targets = tuple(targets) if targets else LORA_TARGETS.get(backbone.geometry.model_type)

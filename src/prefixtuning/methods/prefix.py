@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..prefixes import Prefix, build_prefix
-from .base import Method, register_method
+from ..artifacts import PREFIX_EXPORT
+from ..initialization import initialize_prefix
+from ..prefixes import PREFIXES, Prefix, build_prefix
+from .base import Method, NoPrefixError, register_method
 
 
 @register_method("prefix")
@@ -41,15 +43,43 @@ class PrefixMethod(Method):
             self.prefix.last_token_gates = {k: g[::num_beams] for k, g in self.prefix.last_token_gates.items()}
 
     def initialize(self, init_cfg: dict, backbone) -> dict:
-        from ..initialization import initialize_prefix
-
         return initialize_prefix(init_cfg, self.prefix, backbone)
 
-    def export(self, model, out_dir, config: dict | None = None):
-        """The inference prefix (reparam MLP dropped, APT gates kept), servable by the prefix bank."""
-        from ..export import export_prefix
+    # ---------------------------------------------------------------- the prefix
+    def prefix_module(self) -> Prefix:
+        return self.prefix
 
-        return export_prefix(self.prefix, model.backbone, out_dir, self.shift_positions, config)
+    def set_prefix(self, prefix: Prefix) -> None:
+        self.prefix = prefix
+
+    @property
+    def gated(self) -> bool:
+        return self.prefix.gated
+
+    def gated_prefix(self) -> Prefix:
+        if not self.prefix.gated:
+            raise NoPrefixError(f"the gate probe needs an APT prefix (prefix=apt); this model has a "
+                                f"{self.prefix.kind} prefix")
+        return self.prefix
+
+    # ---------------------------------------------------------------- export and rebuild
+    # The inference prefix (reparam's MLP dropped, APT's gates kept), servable by the prefix bank.
+    export_format = PREFIX_EXPORT
+
+    def export_payload(self, model) -> tuple[dict[str, Tensor], dict]:
+        served = self.prefix.inference()
+        tensors = served.export_tensors()
+        return tensors, {"kind": served.kind, "trained_kind": self.prefix.kind, "length": served.length,
+                         "sites": served.sites, "shift_positions": self.shift_positions,
+                         "dtype": str(next(iter(tensors.values())).dtype)}
+
+    @classmethod
+    def from_export(cls, backbone, method_cfg, prefix_cfg, meta, tensors, source) -> "PrefixMethod":
+        return cls(backbone, prefix=load_exported_prefix(backbone.geometry, meta, tensors, source),
+                   shift_positions=meta.get("shift_positions", True))
+
+    def restore(self, model, tensors, source) -> None:
+        """Nothing left to load: `from_export` rebuilt the prefix from the tensors."""
 
     def summary(self) -> str:
         base = f"{self.prefix.kind} prefix, P={self.prefix.length}"
@@ -64,3 +94,12 @@ class PrefixMethod(Method):
         if self.prefix.gated:
             n += sum(p.numel() for name, p in self.prefix.named_parameters() if name.startswith(("gate_", "layer_")))
         return n
+
+
+def load_exported_prefix(geometry, meta: dict, tensors, source: str) -> Prefix:
+    """The served prefix of a prefix export (its kind rebuilds itself from the tensors it declared)."""
+    cls = PREFIXES.get(meta.get("kind"))
+    if cls is None or not cls.exported:
+        raise ValueError(f"{source}: exported prefix kind {meta.get('kind')!r} is not one of "
+                         f"{', '.join(k for k, c in sorted(PREFIXES.items()) if c.exported)}")
+    return cls.from_export(geometry, meta["length"], meta["sites"], tensors, source)

@@ -13,12 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from ..data.features import IGNORE
+from ..initialization import tile_ids
+from ..settings import INT, S
 from .base import Method, register_method
 
 
 @register_method("prompt")
 class PromptMethod(Method):
     reads = ("init",)
+    settings = {"length": S(INT, min=1)}
     generates_from_embeddings = True
 
     def __init__(self, backbone, length: int = 5):
@@ -47,8 +50,6 @@ class PromptMethod(Method):
 
     @torch.no_grad()
     def initialize(self, init_cfg: dict, backbone) -> dict:
-        from ..initialization import tile_ids
-
         kind = init_cfg["kind"]
         emb = backbone.model.get_input_embeddings()
         if kind == "random":

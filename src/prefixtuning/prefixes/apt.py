@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..settings import FLOAT, S
 from .base import register_prefix
 from .static import StaticPrefix
 
@@ -30,6 +31,8 @@ from .static import StaticPrefix
 @register_prefix("apt")
 class APTPrefix(StaticPrefix):
     gated = True
+    settings = {**StaticPrefix.settings, "gate_init_std": S(FLOAT, min=0), "gate_bias_init": S(FLOAT)}
+    exported = ("keys", "values", "gate_weight", "gate_bias", "layer_scale")
 
     def __init__(self, geometry, length: int, sites=None, gate_init_std: float = 0.0, gate_bias_init: float = 0.0,
                  dropout: float = 0.0):

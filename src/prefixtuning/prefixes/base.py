@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..backbone import Geometry
 from ..injection import PrefixState
+from ..settings import BOOL, FLOAT, INT, LIST, S
 
 PREFIXES: dict[str, type["Prefix"]] = {}
 
@@ -32,6 +33,13 @@ class Prefix(nn.Module):
 
     kind = "base"
     gated = False
+    # The ParameterDicts (keyed by site) an export of this kind holds, written as `<site>.<name>`; a kind
+    # with none (reparam) exports its `inference()` prefix instead.
+    exported: tuple[str, ...] = ()
+    # The `prefix.*` config keys this kind reads (checked before any work by config_check); subclasses extend.
+    # shift_positions is read by the prefix method (where real tokens start), for every kind.
+    settings = {"length": S(INT, min=1), "sites": S(LIST, null=True), "dropout": S(FLOAT, min=0, max=1),
+                "shift_positions": S(BOOL)}
 
     def __init__(self, geometry: Geometry, length: int, sites: Iterable[str] | None = None, dropout: float = 0.0):
         super().__init__()
@@ -73,6 +81,36 @@ class Prefix(nn.Module):
 
     def extra_config(self) -> dict:
         return {}
+
+    # ---------------------------------------------------------------- export and rebuild
+    def inference(self) -> "Prefix":
+        """The prefix as served: itself, or a cheaper equivalent (reparam: its computed prefix, MLP dropped)."""
+        return self
+
+    def export_tensors(self) -> dict[str, Tensor]:
+        """`<site>.<name>` -> tensor for every name in `exported`: what `from_export` rebuilds this kind from."""
+        if not self.exported:
+            raise TypeError(f"prefix kind {self.kind!r} is exported through its inference() prefix")
+        return {f"{site}.{name}": getattr(self, name)[site].detach() for site in self.sites for name in self.exported}
+
+    @classmethod
+    def from_export(cls, geometry: Geometry, length: int, sites, tensors: dict[str, Tensor], source: str) -> "Prefix":
+        """The prefix of an export, on `geometry`; errors name the file and what does not fit."""
+        prefix = cls(geometry, length, sites)
+        want = {f"{site}.{name}" for site in prefix.sites for name in cls.exported}
+        if set(tensors) != want:
+            raise ValueError(f"{source}: a {cls.kind} prefix holds {sorted(want)}, the file has {sorted(tensors)}")
+        state = {f"{name}.{site}": tensors[f"{site}.{name}"] for site in prefix.sites for name in cls.exported}
+        try:
+            prefix.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{source}: tensors do not match the declared geometry: {err}") from None
+        return prefix
+
+    @torch.no_grad()
+    def reset_random(self, std: float) -> bool:
+        """Redraw the trainable tensors ~ N(0, std^2); False where the kind keeps its own initialization."""
+        return False
 
     def describe(self) -> dict:
         return {"kind": self.kind, "length": self.length, "sites": self.sites, **self.extra_config()}

@@ -7,12 +7,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..settings import INT, S
 from .base import Prefix, fit_error, register_prefix
 from .static import StaticPrefix
 
 
 @register_prefix("reparam")
 class ReparamPrefix(Prefix):
+    settings = {**Prefix.settings, "mid_dim": S(INT, min=1)}
+
     def __init__(self, geometry, length: int, sites=None, mid_dim: int = 512, dropout: float = 0.0):
         super().__init__(geometry, length, sites, dropout=dropout)
         self.mid_dim = int(mid_dim)
@@ -59,6 +62,9 @@ class ReparamPrefix(Prefix):
                 loss.backward()
                 opt.step()
         return fit_error(self, target)
+
+    def inference(self) -> StaticPrefix:
+        return self.to_static()
 
     @torch.no_grad()
     def to_static(self) -> StaticPrefix:

@@ -11,6 +11,8 @@ from .base import Prefix, fit_error, register_prefix
 
 @register_prefix("static")
 class StaticPrefix(Prefix):
+    exported = ("keys", "values")
+
     def __init__(self, geometry, length: int, sites=None, dropout: float = 0.0):
         super().__init__(geometry, length, sites, dropout=dropout)
         self.keys = nn.ParameterDict()
@@ -30,7 +32,8 @@ class StaticPrefix(Prefix):
         return fit_error(self, target)
 
     @torch.no_grad()
-    def reset_random(self, std: float) -> None:
+    def reset_random(self, std: float) -> bool:
         for s in self.sites:
             self.keys[s].normal_(0.0, std)
             self.values[s].normal_(0.0, std)
+        return True
