@@ -1,11 +1,12 @@
 # `make train`: set up (once) and run the embedded default offline on CPU.
-# `make test`:  set up (once) and run the default test suite.
+# `make test`:  set up (once) and run the default test suite (what CI runs).
+# Tiers: `make test-fast` (the inner loop), `make test` (not slow), `make test-all` (slow too); docs/testing.md.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv train test test-slow test-all test-gpu bench replay clean
+.PHONY: venv train test test-fast test-slow test-all test-gpu bench replay clean
 
 venv: $(VENV)/.installed
 
@@ -23,14 +24,20 @@ $(VENV)/.installed: pyproject.toml Makefile
 train: venv
 	$(PY) train.py trainer=cpu
 
+# two xdist workers on the 2-core machines (tests that start their own processes are in the slow tier)
+XDIST ?= -n 2
+
 test: venv
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q $(XDIST)
+
+test-fast: venv
+	$(PY) -m pytest -m fast -q $(XDIST)
 
 test-slow: venv
-	$(PY) -m pytest -m slow -q
+	$(PY) -m pytest -m slow -q $(XDIST)
 
 test-all: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 # The CUDA checks (tests/test_cuda.py; skipped where torch sees no GPU, as on CI).
 test-gpu: venv

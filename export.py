@@ -12,9 +12,9 @@ from omegaconf import DictConfig  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig):
-    from prefixtuning.export import export_checkpoint
+    from prefixtuning.export import export_from_config
 
-    export_checkpoint(cfg.ckpt, cfg.out, cfg.get("format", "prefixtuning"))
+    export_from_config(cfg)
 
 
 if __name__ == "__main__":

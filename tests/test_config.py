@@ -183,3 +183,45 @@ def test_method_groups_are_checked(tmp_path, overrides, message):
     with pytest.raises(ConfigError) as err:
         check_train_config(compose_cfg(overrides, tmp_path))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("config_name,override,message", [
+    ("eval", "+spilt=test", "config key spilt is not read by evaluate.py"),
+    ("eval", "split=validation", "split='validation' is not one of train, dev, test"),
+    ("eval", "max_inputs=0", "max_inputs=0 is below its minimum 1"),
+    ("eval", "decoding.num_beams=two", "decoding.num_beams='two' is a str; expected int"),
+    ("export", "format=onnx", "format='onnx' is not one of prefixtuning, peft"),
+    ("export", "+outdir=x", "config key outdir is not read by export.py"),
+])
+def test_evaluate_and_export_configs_are_checked_before_the_checkpoint_loads(tmp_path, config_name, override,
+                                                                              message, monkeypatch):
+    import prefixtuning.evaluation as evaluation
+    import prefixtuning.export as export
+
+    monkeypatch.setattr(evaluation, "load_trained", lambda *a: pytest.fail("a checkpoint was loaded"))
+    monkeypatch.setattr(export, "load_trained", lambda *a: pytest.fail("a checkpoint was loaded"))
+    required = [f"ckpt={tmp_path / 'x.ckpt'}"] + ([f"out={tmp_path / 'out'}"] if config_name == "export" else [])
+    cfg = compose_cfg(required + [override], tmp_path, config_name=config_name)
+    run = evaluation.evaluate if config_name == "eval" else export.export_from_config
+    with pytest.raises(ConfigError) as err:
+        run(cfg)
+    assert message in str(err.value)
+
+
+def test_a_missing_required_key_is_named(tmp_path):
+    from prefixtuning.export import export_from_config
+
+    with pytest.raises(ConfigError, match="out is required: add out=..."):
+        export_from_config(compose_cfg([f"ckpt={tmp_path / 'x.ckpt'}"], tmp_path, config_name="export"))
+
+
+def test_a_key_of_another_kind_names_the_kinds_that_read_it(tmp_path):
+    """Keys are declared by the kinds themselves: a method key under the wrong method names its readers."""
+    cfg = compose_cfg(["method=adapter", "+method.rank=4"], tmp_path)
+    with pytest.raises(ConfigError, match="config key method.rank is read only when method.kind is lora, but "
+                                          "method.kind=adapter"):
+        check_train_config(cfg)
+    cfg = compose_cfg(["+prefix.mid_dimension=4"], tmp_path)
+    with pytest.raises(ConfigError, match=r"config key prefix.mid_dimension is not read by anything \(a typo\?\); "
+                                          r"prefix.kind=static reads prefix.length, prefix.sites"):
+        check_train_config(cfg)

@@ -42,6 +42,7 @@ def _check_run(out_dir, stdout, n_test):
     return metrics, preds
 
 
+@pytest.mark.slow
 def test_default_command_shrunk_then_evaluate(tmp_path):
     run = tmp_path / "run"
     stdout = _run(["train.py", "trainer=cpu", "trainer.enable_progress_bar=false", "data.max_train_examples=64", "optim.epochs=1",

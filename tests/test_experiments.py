@@ -30,6 +30,7 @@ def test_experiment_composes_with_its_sweep(tmp_path, name):
         f"python train.py experiment={name}" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SINGLE)
 def test_experiment_smoke_run(tmp_path, name):
     base = compose_cfg([f"experiment={name}"], tmp_path / "compose")
@@ -49,6 +50,7 @@ def _rows(name: str) -> list[str]:
 ROWS = [(name, row) for name in SINGLE for row in _rows(name)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,row", ROWS, ids=[f"{n}-{r}" for n, r in ROWS])
 def test_every_row_of_every_experiment_smoke_runs(tmp_path, name, row):
     """The baselines of each table: each swept row trains, tests and reports its trainable share."""

@@ -9,6 +9,8 @@ from transformers import DynamicCache
 
 from conftest import TEXTS, batch, make_model, peft_prefix_twin
 
+pytestmark = pytest.mark.fast  # the inner-loop tier (make test-fast)
+
 
 def explicit_gpt2_logits(model, input_ids, attention_mask, pk, pv, offset):
     """GPT-2 forward written out by hand: softmax(q [Pk; k]^T / sqrt(hd) + mask) [Pv; v].

@@ -14,6 +14,8 @@ from prefixtuning.metrics.files import ScoreInputError, read_lines, read_ref_gro
 from prefixtuning.metrics.ngram import mteval_bleu_nist, mteval_tokens, multi_bleu
 from prefixtuning.score import main as score_main, score_files
 
+pytestmark = pytest.mark.fast  # the inner-loop tier (make test-fast)
+
 FX = Path(__file__).parent / "fixtures" / "metric_parity"
 E2E_SYS, E2E_REFS = FX / "e2e_example_system.txt", FX / "e2e_example_references.txt"
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR 1.5 and the PTB tokenizer need Java")

@@ -38,6 +38,7 @@ def _execute(name: str, env: dict, tmp_path):
     return nb, images
 
 
+@pytest.mark.slow
 def test_quickstart_trains_then_uses_the_prefix(tmp_path):
     nb, images = _execute("01_quickstart.ipynb", {"QUICKSTART_RUN": str(tmp_path), "PROJECT_ROOT": str(ROOT),
                                                   "HF_HUB_OFFLINE": "1"}, tmp_path)
@@ -47,6 +48,7 @@ def test_quickstart_trains_then_uses_the_prefix(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_analysis_notebook_draws_a_sweeps_report(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["train.py", "-m", "backbone=tiny-gpt2", "init=random", "optim.lr=1.0e-2", "data.batch_size=16",

@@ -211,6 +211,7 @@ def _final_prefix(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 def test_kill_9_during_training_then_resume_equals_an_uninterrupted_run(tmp_path):
     import time
 

@@ -42,6 +42,7 @@ def test_every_replay_has_a_smoke_test():
     assert set(REPLAYS) == set(FIGURES), "add the new replay file to FIGURES in tests/test_replay.py"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", REPLAYS)
 def test_replay_multirun_and_report(tmp_path, name):
     data = "webnlg_sample" if name == "replay_extrapolation" else "e2e_sample"

@@ -86,6 +86,7 @@ def test_task_words_init_equals_the_models_own_keys_and_values(smol32):
 # reparameterized runs use 5e-5 .. 8e-5; the static prefix of the embedded default takes 5e-3).
 @pytest.mark.parametrize("kind,kw,lr", [("static", {}, 5e-3), ("reparam", {"mid_dim": 64}, 3e-4),
                                         ("apt", {}, 5e-3)])
+@pytest.mark.slow
 def test_every_prefix_kind_learns_on_the_real_backbone(kind, kw, lr):
     """Default dtype of the embedded recipe (bfloat16 backbone, float32 prefix), a real E2E batch."""
     bb = Backbone.load(NAME, dtype="bfloat16", dropout=0.0)

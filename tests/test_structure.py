@@ -106,17 +106,20 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+@pytest.mark.fast
 def test_the_cycle_finder_finds_a_planted_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
+@pytest.mark.fast
 def test_the_package_has_no_import_circle():
     edges, _ = graph()
     assert len(edges) > 40  # every module was read
     assert cycles(edges) == []
 
 
+@pytest.mark.fast
 def test_no_project_import_inside_a_function():
     _, lazy = graph()
     bad = [(f, line, m) for f, line, m in lazy if (f, m) not in LAZY_ALLOWED]

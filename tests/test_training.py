@@ -72,6 +72,7 @@ class StopAfterFirstEpoch(L.Callback):
         trainer.should_stop = True
 
 
+@pytest.mark.fast
 def test_checkpoint_holds_only_prefix_and_resume_is_exact(tmp_path):
     common = SMALL + ["optim.epochs=2", "validate_before_training=false"]
     full = train(compose_cfg(common, tmp_path / "full"))
@@ -333,3 +334,36 @@ def test_select_inputs_takes_every_kth_then_the_first_n():
     assert select_inputs(items, max_inputs=5) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="stride must be >= 1"):
         select_inputs(items, stride=0)
+
+
+def test_decoding_beyond_positions_fails_before_training(tmp_path, monkeypatch):
+    """prompt + decoding.max_new_tokens is checked against the backbone's positions before any training step,
+    for the test after training (and the validation generations), not when decoding starts."""
+    import lightning as L
+
+    monkeypatch.setattr(L.Trainer, "fit", lambda *a, **k: pytest.fail("training started"))
+    cfg = compose_cfg(SMALL + ["decoding.max_new_tokens=1020", "val_generation.enabled=false",
+                               "test_after_training=true"], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    msg = str(err.value)
+    assert msg.startswith("test_split=test: decoding needs") and "max_new_tokens 1020" in msg and "has 1024" in msg
+    cfg = compose_cfg(SMALL + ["decoding.max_new_tokens=1020", "test_after_training=false"], tmp_path / "v")
+    with pytest.raises(ConfigError, match="val_generation.split=dev: decoding needs"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_optim_schedule_reaches_the_scheduler(tmp_path, schedule):
+    """optim.schedule: after warm-up, `linear` decays to 0 at the last step, `constant` keeps optim.lr (checked
+    against the rate the optimizer logged at every step)."""
+    out = tmp_path / schedule
+    train(compose_cfg([*SMALL, f"optim.schedule={schedule}", "optim.warmup_steps=1", "optim.lr=0.004",
+                       "trainer.log_every_n_steps=1", "test_after_training=false"], out))
+    lrs = [json.loads(line)["lr-AdamW"] for line in (out / "metrics.jsonl").read_text().splitlines()
+           if "lr-AdamW" in json.loads(line)]
+    assert len(lrs) >= 2 and lrs[0] == 0.0  # step 0 of a 1-step warm-up
+    if schedule == "constant":
+        assert all(abs(x - 0.004) < 1e-12 for x in lrs[1:]), lrs
+    else:
+        assert lrs[1] == pytest.approx(0.004) and all(a > b for a, b in zip(lrs[1:], lrs[2:])), lrs

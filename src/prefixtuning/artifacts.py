@@ -43,6 +43,8 @@ class Format:
 PREFIX_EXPORT = Format("prefixtuning-export/1", "prefix.safetensors", "prefix.json")
 METHOD_EXPORT = Format("prefixtuning-method/1", "method.safetensors", "method.json")
 EXPORT_FORMATS = (PREFIX_EXPORT, METHOD_EXPORT)
+# export.py's `format=`: this project's formats (above), or HF PEFT's prefix-tuning adapter (peft_interop.py)
+EXPORT_CHOICES = ("prefixtuning", "peft")
 
 
 def export_format(path: str | Path) -> Format:

@@ -19,11 +19,12 @@ import inspect
 import lightning as L
 from omegaconf import OmegaConf
 
+from .artifacts import EXPORT_CHOICES
 from .data.base import DATASETS
 from .initialization import INIT_SETTINGS
+from .lightning_module import SCHEDULES
 from .methods import METHODS
 from .prefixes import PREFIXES
-from .lightning_module import SCHEDULES
 from .settings import BOOL, FLOAT, INT, LIST, SPLITS, STR, ConfigError, S, Spec
 
 
@@ -119,21 +120,34 @@ def _leaves(d: dict, prefix: str = ""):
             yield key, v
 
 
-def check_train_config(cfg) -> None:
-    """Raise ConfigError for the first value of the wrong type or range, or a key nothing reads."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    c.pop("hydra", None)
-    trainer = c.pop("trainer", {}) or {}
-    schema = _schema()
+def _check_keys(cfg, c: dict, schema: dict[str, Spec], what: str) -> None:
+    """Every leaf of `c` has a Spec (the table, or the selected kind's settings) and satisfies it."""
     for key, value in _leaves(c):
         spec = schema.get(key) or _kind_spec(cfg, key)
         if spec is None:
             parent = key.rsplit(".", 1)[0] + ".*" if "." in key else None
             spec = schema.get(parent) if parent else None
         if spec is None:
-            raise ConfigError(f"config key {key} is not read by anything (a typo?); the keys of "
-                              f"{key.split('.')[0]} are: {', '.join(k for k in schema if k.startswith(key.split('.')[0] + '.')) or 'none'}")
+            group = key.split(".")[0]
+            known = ", ".join(k for k in schema if k.startswith(group + ".")) or "none"
+            raise ConfigError(f"config key {key} is not read by {what} (a typo?); the keys of {group} are: {known}")
         spec.check(key, value)
+
+
+def _plain(cfg, field_required=()) -> dict:
+    for field in field_required:
+        if OmegaConf.is_missing(cfg, field):
+            raise ConfigError(f"{field} is required: add {field}=...")
+    c = OmegaConf.to_container(cfg, resolve=True)
+    c.pop("hydra", None)
+    return c
+
+
+def check_train_config(cfg) -> None:
+    """Raise ConfigError for the first value of the wrong type or range, or a key nothing reads."""
+    c = _plain(cfg)
+    trainer = c.pop("trainer", {}) or {}
+    _check_keys(cfg, c, _schema(), "anything")
     _check_groups(cfg)
     allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     for key, value in trainer.items():
@@ -158,3 +172,24 @@ def _check_groups(cfg) -> None:
         node = OmegaConf.select(cfg, group)
         if chosen == "none" and node is not None and set(node) - {"kind"}:
             raise ConfigError(f"{group}=none, but {group}.{sorted(set(node) - {'kind'})[0]} is set: nothing reads it")
+
+
+def _decoding_schema() -> dict[str, Spec]:
+    return {k: v for k, v in _schema().items() if k.startswith(("decoding.", "paths.")) or k == "task_name"}
+
+
+def check_eval_config(cfg) -> None:
+    """evaluate.py's config (conf/eval.yaml), before the checkpoint is loaded."""
+    c = _plain(cfg, ("ckpt",))
+    schema = {**_decoding_schema(), "ckpt": S(STR), "split": S(STR, choices=SPLITS), "data_dir": S(STR, null=True),
+              "max_inputs": S(INT, null=True, min=1), "stride": S(INT, min=1), "progress": S(BOOL),
+              "device": S(STR), "show_examples": S(INT, min=0)}
+    _check_keys(cfg, c, schema, "evaluate.py")
+
+
+def check_export_config(cfg) -> None:
+    """export.py's config (conf/export.yaml), before the checkpoint is loaded."""
+    c = _plain(cfg, ("ckpt", "out"))
+    schema = {**{k: v for k, v in _decoding_schema().items() if not k.startswith("decoding.")}, "ckpt": S(STR),
+              "out": S(STR), "format": S(STR, choices=EXPORT_CHOICES)}
+    _check_keys(cfg, c, schema, "export.py")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from .config_check import check_eval_config
 from .data.datamodule import PrefixDataModule
 from .data.features import IGNORE
 from .decoding import decode
@@ -103,6 +104,7 @@ def eval_device(name: str | None) -> torch.device:
 
 
 def evaluate(cfg) -> dict:
+    check_eval_config(cfg)  # types, ranges and unread keys, before the checkpoint is loaded
     device = eval_device(cfg.get("device"))
     model, run_cfg = load_trained(cfg.ckpt)
     model.to(device)

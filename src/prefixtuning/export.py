@@ -14,13 +14,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .artifacts import ExportError, write_export
+from .artifacts import EXPORT_CHOICES, ExportError, write_export
+from .config_check import check_export_config
 from .loading import load_trained
 from .methods import NoPrefixError
 from .model import TunedModel
 from .peft_interop import export_peft
-
-FORMATS = ("prefixtuning", "peft")
 
 
 def export_model(model: TunedModel, out_dir: str | Path, config: dict | None = None) -> Path:
@@ -32,10 +31,16 @@ def export_model(model: TunedModel, out_dir: str | Path, config: dict | None = N
     return write_export(out_dir, model.method.export_format, tensors, meta)
 
 
+def export_from_config(cfg) -> Path:
+    """export.py's entry: the config checked (types, unread keys) before the checkpoint is loaded."""
+    check_export_config(cfg)
+    return export_checkpoint(cfg.ckpt, cfg.out, cfg.get("format", "prefixtuning"))
+
+
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path, format: str = "prefixtuning") -> Path:
     """Checkpoint of train.py -> export directory (this project's format, or HF PEFT's); prints the size."""
-    if format not in FORMATS:
-        raise ExportError(f"format={format!r} is not one of {', '.join(FORMATS)}")
+    if format not in EXPORT_CHOICES:
+        raise ExportError(f"format={format!r} is not one of {', '.join(EXPORT_CHOICES)}")
     model, run_cfg = load_trained(ckpt)
     if format == "peft":
         try:

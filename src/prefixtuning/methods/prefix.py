@@ -82,18 +82,18 @@ class PrefixMethod(Method):
         """Nothing left to load: `from_export` rebuilt the prefix from the tensors."""
 
     def summary(self) -> str:
-        base = f"{self.prefix.kind} prefix, P={self.prefix.length}"
-        return base
+        return f"{self.prefix.kind} prefix, P={self.prefix.length}"
 
     def describe(self) -> dict:
         return {"kind": "prefix", "prefix": self.prefix.describe(), "shift_positions": self.shift_positions}
 
-
     def inference_params(self, model) -> int:
-        n = sum(k.numel() + v.numel() for k, v in self.prefix.key_values().values())
-        if self.prefix.gated:
-            n += sum(p.numel() for name, p in self.prefix.named_parameters() if name.startswith(("gate_", "layer_")))
-        return n
+        """What serving holds: the tensors the prefix kind exports (APT's gates included), or, for a kind
+        exported through its inference prefix (reparam), that prefix's keys and values. Counted without
+        building the inference prefix, which would draw from the run's random stream."""
+        if not self.prefix.exported:
+            return sum(k.numel() + v.numel() for k, v in self.prefix.key_values().values())
+        return sum(t.numel() for t in self.prefix.export_tensors().values())
 
 
 def load_exported_prefix(geometry, meta: dict, tensors, source: str) -> Prefix:
