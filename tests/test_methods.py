@@ -337,4 +337,4 @@ def test_gate_probe_cli_writes_the_heatmap_and_csv(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "prefixtuning.gates",
                            f"ckpt={tmp_path / 'static' / 'checkpoints' / 'last.ckpt'}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "needs an APT prefix (prefix=apt); this model has static" in proc.stderr
+    assert proc.returncode == 2 and "needs an APT prefix (prefix=apt); this model has a static prefix" in proc.stderr

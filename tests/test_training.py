@@ -291,7 +291,9 @@ def test_wandb_run_holds_what_a_sweep_needs(tmp_path, monkeypatch):
 
 
 def test_debug_fdr_decodes_two_inputs_and_never_starts_java(tmp_path, monkeypatch):
+    import prefixtuning.callbacks as callbacks
     import prefixtuning.decoding as decoding
+    import prefixtuning.evaluation as evaluation
     from prefixtuning.metrics import java
 
     monkeypatch.setattr(java, "java", lambda: pytest.fail("debug=fdr started Java"))
@@ -302,7 +304,8 @@ def test_debug_fdr_decodes_two_inputs_and_never_starts_java(tmp_path, monkeypatc
         decoded.append(len(prompts))
         return real(model, prompts, *a, **k)
 
-    monkeypatch.setattr(decoding, "decode", counting)
+    for module in (decoding, callbacks, evaluation):  # every module that decodes holds its own reference
+        monkeypatch.setattr(module, "decode", counting)
     metrics = train(compose_cfg(["trainer=cpu", "trainer.enable_progress_bar=false", "debug=fdr"], tmp_path))
     assert decoded == [2] and "val/BLEU" in metrics
     assert not any(k.startswith("test/") for k in metrics)
@@ -362,8 +365,9 @@ def test_optim_schedule_reaches_the_scheduler(tmp_path, schedule):
                        "trainer.log_every_n_steps=1", "test_after_training=false"], out))
     lrs = [json.loads(line)["lr-AdamW"] for line in (out / "metrics.jsonl").read_text().splitlines()
            if "lr-AdamW" in json.loads(line)]
-    assert len(lrs) >= 2 and lrs[0] == 0.0  # step 0 of a 1-step warm-up
+    assert len(lrs) >= 3 and lrs[0] == 0.0  # step 0 of a 1-step warm-up
+    assert lrs[1] == pytest.approx(0.004, rel=1e-6)  # logged in float32
     if schedule == "constant":
-        assert all(abs(x - 0.004) < 1e-12 for x in lrs[1:]), lrs
-    else:
-        assert lrs[1] == pytest.approx(0.004) and all(a > b for a, b in zip(lrs[1:], lrs[2:])), lrs
+        assert all(x == lrs[1] for x in lrs[1:]), lrs
+    else:  # a validation step logs the same rate again, so not strictly
+        assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 0.5 * lrs[1], lrs
