@@ -12,11 +12,14 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from prefixtuning.errors import exit_on_user_error  # noqa: E402
+
 import prefixtuning  # noqa: E402,F401  (registers the config resolvers)
 from prefixtuning.resume import ResumeError, resume_argv  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@exit_on_user_error  # a config / data / backbone mistake: one line and exit 1, no traceback
 def main(cfg: DictConfig):
     from prefixtuning.training import train
 

@@ -1,5 +1,7 @@
 """Every option of every config group composes and builds; backbone geometry and loading errors."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -144,9 +146,41 @@ ALL_OPTIONS = [(g, o) for g in ("backbone", "prefix", "init", "decoding", "data"
                for o in options(g)]
 
 
+def swept(experiment: str, key: str) -> list[str]:
+    """The values an experiment file's sweep gives `key` (empty when it does not sweep it)."""
+    params = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml").get("hydra", {}).get("sweeper", {})
+    value = params.get("params", {}).get(key)
+    return str(value).split(",") if value is not None else []
+
+
 @pytest.mark.parametrize("group,option", ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
 def test_every_shipped_option_passes_the_config_check(tmp_path, group, option):
-    check_train_config(compose_cfg([f"{group}={option}"], tmp_path))
+    rows = swept(option, "row")[:1] if group == "experiment" else []  # a sweep of rows: its first row
+    check_train_config(compose_cfg([f"{group}={option}", *(f"row={r}" for r in rows)], tmp_path))
+
+
+REPLAY_CELLS = [(e, r) for e in options("experiment") if e.startswith("replay_") for r in swept(e, "row")
+                or [OmegaConf.load(CONF / "experiment" / f"{e}.yaml").defaults[1]["override /row"]]]
+
+
+@pytest.mark.parametrize("experiment,row", REPLAY_CELLS)
+def test_every_replay_row_takes_the_replay_settings(tmp_path, experiment, row):
+    """One row family: a replay job is the paper's row file with conf/recipe_row/replay/<row>.yaml over it."""
+    cfg = compose_cfg([f"experiment={experiment}", f"row={row}"], tmp_path)
+    check_train_config(cfg)
+    assert (cfg.recipe.name, cfg.recipe.row) == ("replay", row)
+    recipe = file_settings(CONF / "recipe_row" / "replay" / f"{row}.yaml")
+    for key, value in recipe.items():
+        assert OmegaConf.select(cfg, key) == value, key
+
+
+def test_a_replay_row_without_replay_settings_is_refused_before_any_work(tmp_path):
+    run = subprocess.run([sys.executable, "train.py", "experiment=replay_apt", "row=emb", "hydra.mode=RUN",
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 1
+    assert ("recipe=replay has no settings for row=emb: add conf/recipe_row/replay/emb.yaml"
+            in run.stdout + run.stderr)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("override,message", [

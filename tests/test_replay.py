@@ -85,4 +85,4 @@ def test_replay_multirun_and_report(tmp_path, name):
     if name == "replay_extrapolation":  # seen and unseen categories scored separately, from one strided subset
         assert all(j["test/seen/BLEU"] != "" and j["test/unseen/BLEU"] != "" for j in jobs)
     if name == "replay_lowdata":
-        assert {j["row"] for j in jobs} == {"replay_prefix", "replay_ft"}
+        assert {j["row"] for j in jobs} == {"prefix_static", "ft"}

@@ -24,8 +24,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import MissingFile, UserError
 
-class ExportError(ValueError):
+
+class ExportError(UserError, ValueError):
     """An export directory (or a PEFT adapter) that cannot be written or read as asked."""
 
 
@@ -101,7 +103,7 @@ def read_checkpoint(path: str | Path) -> dict:
     """A train.py checkpoint, loaded without executing pickled code."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFile(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated file, or a pickle that needs arbitrary code

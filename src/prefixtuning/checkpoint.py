@@ -7,8 +7,10 @@ from pathlib import Path
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from .errors import UserError
 
-class RunFolderError(OSError):
+
+class RunFolderError(UserError, OSError):
     """The run folder cannot be written (read-only, full disk, not a folder); names the path and the cause."""
 
 

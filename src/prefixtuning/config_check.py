@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from .artifacts import EXPORT_CHOICES
@@ -66,6 +67,7 @@ def _schema() -> dict[str, Spec]:
         "logger.entity": S(STR, null=True), "logger.name": S(STR, null=True), "logger.group": S(STR, null=True),
         "logger.mode": S(STR, null=True, choices=("online", "offline", "disabled")), "logger.tags": S(LIST),
         "paths.*": S(STR, null=True),
+        "recipe.name": S(STR), "recipe.row": S(STR, null=True),
     }
 
 
@@ -149,6 +151,7 @@ def check_train_config(cfg) -> None:
     trainer = c.pop("trainer", {}) or {}
     _check_keys(cfg, c, _schema(), "anything")
     _check_groups(cfg)
+    _check_recipe(cfg)
     allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     for key, value in trainer.items():
         if key not in allowed:
@@ -172,6 +175,23 @@ def _check_groups(cfg) -> None:
         node = OmegaConf.select(cfg, group)
         if chosen == "none" and node is not None and set(node) - {"kind"}:
             raise ConfigError(f"{group}=none, but {group}.{sorted(set(node) - {'kind'})[0]} is set: nothing reads it")
+
+
+def _check_recipe(cfg) -> None:
+    """A study other than the paper's (recipe=replay) must have settings for the chosen row: without
+    conf/recipe_row/<recipe>/<row>.yaml the row would silently run with the paper's settings."""
+    name, row, given = OmegaConf.select(cfg, "recipe.name"), _choice("row"), OmegaConf.select(cfg, "recipe.row")
+    if given is not None and row is not None and given != row:
+        raise ConfigError(f"recipe.row={given} but row={row}: recipe.row is set by conf/recipe_row/{name}/{row}.yaml, "
+                          "not by hand")
+    if name in (None, "paper") or given is not None:
+        return
+    raise ConfigError(f"recipe={name} has no settings for row={row or '?'}: add conf/recipe_row/{name}/"
+                      f"{row or '<row>'}.yaml (its prefix length, init, lr) or choose a row that has one")
+
+
+def _choice(group: str) -> str | None:
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
 
 def _decoding_schema() -> dict[str, Spec]:

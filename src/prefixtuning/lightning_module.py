@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from .errors import UserError
 from .artifacts import IdentityMismatch, check_identity, check_tensor_names, checkpoint_record
 from .model import PrefixTuningModel
 
@@ -26,7 +27,7 @@ def trainable_keys(module) -> set[str]:
 CheckpointMismatch = IdentityMismatch
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
     """Training produced a NaN or an infinity; raised at once, so no checkpoint holds garbage."""
 
 

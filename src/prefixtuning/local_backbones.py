@@ -34,11 +34,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .errors import UserError
 from .cache import default_cache_dir, publish_dir
 from .tiny import build_tiny
 
 
-class BackboneLoadError(RuntimeError):
+class BackboneLoadError(UserError, RuntimeError):
     """A backbone that cannot be loaded or built; the message says why and what to do."""
 
 

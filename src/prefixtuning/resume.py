@@ -22,11 +22,13 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import OmegaConf
 
+from .errors import UserError
+
 # keys that may differ between the interrupted command and the resuming one
 IGNORED = ("ckpt_path", "resume_allow_changes", "paths", "hydra")
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """A resume that cannot be exact; raised before the run folder is touched."""
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import UserError
+
 DATASETS: dict[str, type] = {}
 
 
@@ -16,7 +18,7 @@ def register_dataset(name: str):
     return deco
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Malformed or missing data; the message names the file and the line or record."""
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..artifacts import METHOD_EXPORT, Format, check_tensor_names
 from ..prefixes import Prefix
 from ..settings import Spec
@@ -33,7 +34,7 @@ def register_method(kind: str):
     return deco
 
 
-class NoPrefixError(AttributeError, ValueError):
+class NoPrefixError(UserError, AttributeError, ValueError):
     """Asked for the prefix (or its gates) of a method that has none."""
 
 

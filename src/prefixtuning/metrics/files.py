@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from ..errors import UserError
+
 # WebNLG 2017 test: the first 971 entries are the seen categories, the last 891 the unseen ones.
 WEBNLG_TEST_SEEN = 971
 WEBNLG_TEST_SIZE = 1862
 
 
-class ScoreInputError(ValueError):
+class ScoreInputError(UserError, ValueError):
     pass
 
 

@@ -12,10 +12,12 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from ..errors import UserError
 from typing import Sequence
 
 
-class MissingDependency(RuntimeError):
+class MissingDependency(UserError, RuntimeError):
     pass
 
 

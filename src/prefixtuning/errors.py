@@ -1,0 +1,33 @@
+"""The one base class of the errors a user causes and can fix: a config value, a data file, a backbone that cannot
+be found, a saved artifact for another model, a missing metric tool. Their message names the file, line or field
+and says what to do, so the command-line entry points print it as one line and exit 1 instead of a traceback
+(`exit_on_user_error`). Errors of the code itself stay ordinary exceptions with their traceback."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+log = logging.getLogger(__name__)
+
+
+class UserError(Exception):
+    """Bad input from whoever runs the command; the message is the whole story."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file the command was pointed at (a checkpoint, an export) does not exist."""
+
+
+def exit_on_user_error(fn):
+    """Wrap an entry point: a UserError is logged as one line and the command exits 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            log.error("%s", err)  # Hydra's console and the run's log file (stderr when logging is not set up)
+            raise SystemExit(1) from None
+
+    return wrapper
