@@ -162,9 +162,10 @@ def test_greedy_generate_equals_manual_decode(family, kind, kw):
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("family", ["bart", "t5"])
 @pytest.mark.parametrize("kind,kw", KINDS)
-def test_bart_greedy_equals_manual_decode_and_beam_runs(kind, kw):
-    m = make_model("bart", kind, length=4, **kw)
+def test_encoder_decoder_greedy_equals_manual_decode_and_beam_runs(family, kind, kw):
+    m = make_model(family, kind, length=4, **kw)
     tok = m.backbone.tokenizer
     ids, mask, _ = _bart_batch(tok)
     ours = m.generate(ids, mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
@@ -191,7 +192,7 @@ def test_beam_search_with_prefix_is_not_the_plain_model():
     assert ours.shape == (3, 8) and not torch.equal(ours, plain)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bart", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "bart", "llama", "t5"])
 @pytest.mark.parametrize("kind,kw", KINDS)
 def test_gradient_checkpointing_same_loss_and_gradients(family, kind, kw):
     results = []
@@ -199,7 +200,7 @@ def test_gradient_checkpointing_same_loss_and_gradients(family, kind, kw):
         m = make_model(family, kind, length=4, backbone_kwargs={"gradient_checkpointing": ckpt}, **kw)
         m.train()  # checkpointing is only active in training mode; dropout is 0 in these tests
         tok = m.backbone.tokenizer
-        if family == "bart":
+        if family in ("bart", "t5"):
             ids, mask, labels = _bart_batch(tok)
         else:
             ids, mask = batch(tok, TEXTS)

@@ -245,7 +245,8 @@ SMALL = ["trainer=cpu", "trainer.enable_progress_bar=false", "trainer.limit_trai
 
 
 # prompt x BART is the case that found the stale last.ckpt: its val loss stops improving in epoch 2
-HARNESS = [(m, f) for m in METHOD_NAMES if m != "prefix" for f in ("gpt2", "bart")]
+# T5 (relative position bias, prefixes at all three sites) with the prefix method, as its first-class test
+HARNESS = [(m, f) for m in METHOD_NAMES if m != "prefix" for f in ("gpt2", "bart")] + [("prefix", "t5")]
 
 
 @pytest.mark.parametrize("method,family", HARNESS)
@@ -257,7 +258,7 @@ def test_every_method_trains_resumes_exactly_evaluates_and_exports(tmp_path, met
     from test_training import StopAfterFirstEpoch
 
     common = SMALL + [f"method={method}", f"backbone=tiny-{family}", "optim.epochs=2"]
-    if family == "bart":
+    if family in ("bart", "t5"):
         common += ["data=e2e_sample", "optim.lr=1.0e-2", "data.batch_size=16"]
     full = train(compose_cfg(common, tmp_path / "full"))
     train(compose_cfg(common, tmp_path / "part"), callbacks=[StopAfterFirstEpoch()])
@@ -272,15 +273,23 @@ def test_every_method_trains_resumes_exactly_evaluates_and_exports(tmp_path, met
     assert resumed["val/loss"] == full["val/loss"] and full["method"] == method
     # evaluate.py's path on the checkpoint and on the export give the same numbers
     out = export_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt", tmp_path / "export")
-    assert out.name == "method.safetensors"
-    meta = json.loads((tmp_path / "export" / "method.json").read_text())
-    assert meta["method"]["kind"] == method
+    stem = "prefix" if method == "prefix" else "method"  # a prefix exports as the prefix bank's format
+    assert out.name == f"{stem}.safetensors"
+    meta = json.loads((tmp_path / "export" / f"{stem}.json").read_text())
+    assert (meta["method"]["kind"] == method) if method != "prefix" else (meta["kind"] == "static")
     common_eval = ["split=dev", "max_inputs=2", "progress=false", "decoding=greedy", "decoding.max_new_tokens=5"]
     e1 = evaluate(compose_cfg([f"ckpt={tmp_path / 'full' / 'checkpoints' / 'last.ckpt'}", *common_eval],
                               tmp_path / "ev1", config_name="eval"))
     e2 = evaluate(compose_cfg([f"ckpt={tmp_path / 'export'}", *common_eval], tmp_path / "ev2", config_name="eval"))
     assert e1["reference_loss"] == e2["reference_loss"]
     assert (tmp_path / "ev1" / "predictions_dev.txt").read_text() == (tmp_path / "ev2" / "predictions_dev.txt").read_text()
+    if family == "t5":  # beam search (5 beams, the paper's table-to-text decoding) from checkpoint and export
+        beam = ["split=dev", "max_inputs=2", "progress=false", "decoding=table_to_text", "decoding.max_new_tokens=5"]
+        evaluate(compose_cfg([f"ckpt={tmp_path / 'full' / 'checkpoints' / 'last.ckpt'}", *beam], tmp_path / "b1",
+                             config_name="eval"))
+        evaluate(compose_cfg([f"ckpt={tmp_path / 'export'}", *beam], tmp_path / "b2", config_name="eval"))
+        lines = (tmp_path / "b1" / "predictions_dev.txt").read_text().splitlines()
+        assert len(lines) == 2 and lines == (tmp_path / "b2" / "predictions_dev.txt").read_text().splitlines()
 
 
 def test_prefix_bank_refuses_another_methods_export(tmp_path):

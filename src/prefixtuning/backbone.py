@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .injection import PrefixInjector
+from .injection import PrefixInjector, UnsupportedArchitecture
 from .local_backbones import BackboneLoadError, build_local, is_local_backbone
 
 # Config attributes that hold dropout probabilities in the families we support.
@@ -26,7 +26,30 @@ class SiteGeometry:
     n_layers: int
     n_heads: int
     n_kv_heads: int
-    head_dim: int
+    head_dim: int  # of the keys (and of the queries)
+    value_dim: int | None = None  # of the values, where it differs from the keys' (multi-head latent attention)
+
+    @property
+    def v_dim(self) -> int:
+        return self.head_dim if self.value_dim is None else self.value_dim
+
+
+def _first(config, names: tuple[str, ...], what: str, default=None):
+    """The first of `names` the config sets (not None); `default` or a refusal naming the fields tried."""
+    for n in names:
+        v = getattr(config, n, None)
+        if v is not None:
+            return v
+    if default is not None:
+        return default
+    raise UnsupportedArchitecture(f"{config.model_type}: cannot read the {what} from its config (none of "
+                                  f"{', '.join(names)} is set); this family is not supported")
+
+
+# families whose positions are relative (a bias or ALiBi), so a sequence has no maximum length of its own:
+# config fields that say so, and families whose config does not
+_RELATIVE = ("relative_attention_num_buckets", "alibi")
+_RELATIVE_FAMILIES = ("bloom",)
 
 
 @dataclass(frozen=True)
@@ -34,11 +57,19 @@ class Geometry:
     model_type: str
     is_encoder_decoder: bool
     hidden_size: int
-    max_positions: int
+    max_positions: int | None  # None: relative positions, no maximum
     sites: dict[str, SiteGeometry] = field(default_factory=dict)
 
+    def fits(self, n_positions: int) -> bool:
+        """Whether a sequence spanning `n_positions` positions fits (always, for relative positions)."""
+        return self.max_positions is None or n_positions <= self.max_positions
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for g in d["sites"].values():  # as recorded before value_dim existed, when keys and values agree
+            if g["value_dim"] is None:
+                del g["value_dim"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Geometry":
@@ -46,25 +77,54 @@ class Geometry:
 
     @classmethod
     def from_config(cls, config) -> "Geometry":
-        hidden = config.hidden_size
-        max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if max_pos is None:
-            raise ValueError(f"cannot read the number of positions from the {config.model_type} config")
+        """Layers, heads, key/value heads and head sizes per attention site, read from the config of any
+        family; `Backbone` then checks them against the shapes the attention really sees (`check_geometry`)."""
+        hidden = _first(config, ("hidden_size", "d_model", "n_embd"), "hidden size")
+        max_pos = None
+        if config.model_type not in _RELATIVE_FAMILIES and not any(getattr(config, r, None) for r in _RELATIVE):
+            max_pos = int(_first(config, ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"),
+                                 "number of positions"))
 
-        def site(layers: int, heads: int, kv_heads: int | None) -> SiteGeometry:
-            head_dim = getattr(config, "head_dim", None) or hidden // heads
-            return SiteGeometry(layers, heads, kv_heads or heads, head_dim)
+        def site(layers: int, heads: int, prefix: str = "") -> SiteGeometry:
+            kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None)
+            if kv is None and getattr(config, "multi_query", False):
+                kv = 1
+            qk = getattr(config, "qk_head_dim", None)  # multi-head latent attention (DeepSeek-V2/V3)
+            head_dim = qk or _first(config, ("head_dim", "d_kv"), "head size", default=hidden // heads)
+            value_dim = getattr(config, "v_head_dim", None)
+            return SiteGeometry(int(layers), int(heads), int(kv or heads), int(head_dim),
+                                None if value_dim in (None, head_dim) else int(value_dim))
 
         if config.is_encoder_decoder:
-            enc_heads = config.encoder_attention_heads
-            dec_heads = config.decoder_attention_heads
-            sites = {"encoder": site(config.encoder_layers, enc_heads, None),
-                     "decoder": site(config.decoder_layers, dec_heads, None),
-                     "cross": site(config.decoder_layers, dec_heads, None)}
+            enc_layers = _first(config, ("encoder_layers", "num_layers"), "number of encoder layers")
+            dec_layers = _first(config, ("decoder_layers", "num_decoder_layers", "num_layers"),
+                                "number of decoder layers")
+            enc_heads = _first(config, ("encoder_attention_heads", "num_heads", "num_attention_heads"),
+                               "number of encoder heads")
+            dec_heads = _first(config, ("decoder_attention_heads", "num_heads", "num_attention_heads"),
+                               "number of decoder heads")
+            sites = {"encoder": site(enc_layers, enc_heads), "decoder": site(dec_layers, dec_heads),
+                     "cross": site(dec_layers, dec_heads)}
         else:
-            heads = config.num_attention_heads
-            sites = {"decoder": site(config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None))}
-        return cls(config.model_type, bool(config.is_encoder_decoder), hidden, int(max_pos), sites)
+            layers = _first(config, ("num_hidden_layers", "n_layer", "num_layers"), "number of layers")
+            heads = _first(config, ("num_attention_heads", "n_head", "num_heads"), "number of heads")
+            sites = {"decoder": site(layers, heads)}
+        return cls(config.model_type, bool(config.is_encoder_decoder), int(hidden), max_pos, sites)
+
+    def check_observed(self, observed: dict) -> None:
+        """The shapes the probe saw (`PrefixInjector.probe`: (site, layer) -> query, key, value shapes) agree
+        with this geometry at every layer; a prefix sized from a wrong reading is refused, never broadcast."""
+        for (site, layer), (q, k, v) in sorted(observed.items()):
+            g = self.sites[site]
+            seen = {"heads": q[1], "key/value heads": k[1], "key head size": k[-1], "value head size": v[-1]}
+            want = {"heads": g.n_heads, "key/value heads": g.n_kv_heads, "key head size": g.head_dim,
+                    "value head size": g.v_dim}
+            for what in seen:
+                if seen[what] != want[what]:
+                    raise UnsupportedArchitecture(
+                        f"{self.model_type}: its config gives {site} layer {layer} {want[what]} {what}, but the "
+                        f"attention computes with {seen[what]}; a prefix of the config's shape would not fit "
+                        f"(per-layer or unusual head geometry is not supported)")
 
 
 def hub_offline() -> bool:
@@ -101,6 +161,9 @@ class Backbone(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.injector = PrefixInjector(model, {s: g.n_layers for s, g in self.geometry.sites.items()})
+        # every layer's attention is reached by the prefix function and sees the geometry read from the
+        # config, or the family is refused here, before any data or training work
+        self.geometry.check_observed(self.injector.probe(model))
 
     @property
     def is_encoder_decoder(self) -> bool:

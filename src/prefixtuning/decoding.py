@@ -43,7 +43,7 @@ def check_generation_positions(model: PrefixTuningModel, longest_prompt: int, ma
     geo, enc_dec = model.backbone.geometry, model.backbone.is_encoder_decoder
     taken = 0 if enc_dec else model.method.positions_taken(model.backbone)
     need = taken + (0 if enc_dec else longest_prompt) + max_new_tokens
-    if need > geo.max_positions:
+    if not geo.fits(need):
         raise ValueError(f"decoding needs {need} positions ({model.method.summary()}: {taken} + longest prompt "
                          f"{longest_prompt} + max_new_tokens {max_new_tokens}) but backbone "
                          f"{model.backbone.name} has {geo.max_positions}")

@@ -6,9 +6,7 @@ and says what to do, so the command-line entry points print it as one line and e
 from __future__ import annotations
 
 import functools
-import logging
-
-log = logging.getLogger(__name__)
+import sys
 
 
 class UserError(Exception):
@@ -20,14 +18,16 @@ class MissingFile(UserError, FileNotFoundError):
 
 
 def exit_on_user_error(fn):
-    """Wrap an entry point: a UserError is logged as one line and the command exits 1."""
+    """Wrap an entry point: a UserError is printed as one line on stderr and the command exits 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            log.error("%s", err)  # Hydra's console and the run's log file (stderr when logging is not set up)
+            line = f"error ({type(err).__name__}): {err}"
+            # stderr only: a refused command (a changed resume, say) must leave the run folder byte-identical
+            print(line, file=sys.stderr, flush=True)
             raise SystemExit(1) from None
 
     return wrapper

@@ -9,7 +9,9 @@ module has projected its own keys and values (and, for rotary models, rotated th
    search needs no pre-expanded cache),
 3. multiplies it by the APT gate of that layer if the prefix is gated,
 4. concatenates it in front of the layer's keys/values, pads the attention mask with visible prefix
-   columns, and calls transformers' stock SDPA attention.
+   columns, and calls transformers' stock SDPA attention; when the family modifies the scores inside
+   attention (T5's relative position bias, Gemma2's logit soft-capping, gpt-oss's sinks) it computes the
+   softmax itself and applies the modifier to the prefix columns too (`_eager_attention`).
 
 Why not `past_key_values`: the cache path cannot reach the encoder or cross-attention, needs beam
 pre-expansion, breaks under gradient checkpointing, and cannot see the layer input that APT gates
@@ -17,7 +19,13 @@ depend on. See DESIGN.md for the measured failure modes.
 
 Positions: the injected prefix does not occupy positions by itself. Callers choose where real tokens
 start (see `PrefixTuningModel.position_ids`): the paper and PEFT start them at P ("shifted"), which
-this project does by default for decoder-only backbones.
+this project does by default for decoder-only backbones; encoder-decoders start their tokens at 0.
+Relative position biases (T5 family): prefix column j of P gets the bias of a key at relative position
+(j - P) - i from query i, as if the prefix were P tokens right before the sequence (the bias a first segment
+of P tokens gets on the cache path); cross-attention has no bias in T5, so its prefix columns get none.
+Sliding-window layers (Mistral, Gemma2/3, ...): the window applies to the real tokens exactly as the model
+applies it; the prefix columns stay visible to every query, by design (a prefix is the task's memory, not
+a stretch of text that scrolls out of view).
 
 Masks: when a batch has no padding, transformers passes `attention_mask=None` and relies on SDPA's
 `is_causal`, whose triangle is aligned top-left. With P prefix keys in front, key length != query
@@ -27,6 +35,7 @@ We then build the mask ourselves: prefix columns visible, causal part aligned bo
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,7 +45,13 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-ATTN_IMPLEMENTATION = "prefix_sdpa"
+from .errors import UserError
+
+# no "sdpa" in the name: transformers refuses an "*sdpa*" implementation for families that need the scores
+# themselves (Gemma2's soft-capping), which this function handles
+ATTN_IMPLEMENTATION = "prefix_attention"
+# keyword arguments by which a family modifies the attention scores (the function then computes the softmax)
+SCORE_MODIFIERS = ("position_bias", "softcap", "s_aux", "sinks")
 SITES = ("decoder", "encoder", "cross")
 
 # A gate function maps (site, layer, pooled hidden state (B, d)) to a per-token scale (B, P).
@@ -93,11 +108,25 @@ def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
 def _prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Tensor | None, **kwargs):
     tag = getattr(module, "_prefix_tag", None)
+    if tag is not None and tag.injector.observed is not None:  # the reach probe (PrefixInjector.probe)
+        tag.injector.observed[(tag.site, tag.layer)] = (tuple(query.shape), tuple(key.shape), tuple(value.shape))
     if tag is not None and tag.injector.capture is not None:  # word-activation initialization
         tag.injector.capture[(tag.site, tag.layer)] = (key.detach().clone(), value.detach().clone())
     state = tag.injector.state if tag is not None else None
     if state is None or tag.site not in state.kv:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        if all(kwargs.get(k) is None for k in SCORE_MODIFIERS):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        # the plain model on a family whose scores SDPA cannot compute (no prefix here, so none in front)
+        is_causal = kwargs.get("is_causal")
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if attention_mask is None and is_causal and q_len > 1:
+            qi = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+            attention_mask = (torch.arange(kv_len, device=query.device)[None, :] <= qi)[None, None]
+        return _eager_attention(module, query, key, value, attention_mask, scaling=kwargs.get("scaling"),
+                                dropout=kwargs.get("dropout", 0.0), softcap=kwargs.get("softcap"),
+                                position_bias=kwargs.get("position_bias"),
+                                sinks=kwargs.get("s_aux", kwargs.get("sinks")))
 
     batch, _, q_len, _ = query.shape  # (B, n_heads, q, hd)
     kv_len = key.shape[2]  # (B, n_kv, kv, hd)
@@ -108,7 +137,7 @@ def _prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         g = match_rows(gate, batch, "gate")[:, None, :, None]  # (B, 1, P, 1)
         pk, pv = match_rows(pk, batch) * g, match_rows(pv, batch) * g
     n_prefix = pk.shape[2]
-    plain_softmax = all(kwargs.get(k) is None for k in ("position_bias", "softcap", "s_aux", "sinks"))
+    plain_softmax = all(kwargs.get(k) is None for k in SCORE_MODIFIERS)
     if q_len == 1 and plain_softmax and not torch.is_grad_enabled() and kwargs.get("dropout", 0.0) == 0.0:
         # a decoding step: scores against prefix and cache computed apart, without copying the cache or
         # repeating the prefix per row
@@ -124,7 +153,71 @@ def _prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     # model hands each layer the same mask object): build it once per pass and site, reuse it after.
     attention_mask = _cached_mask_with_prefix(attention_mask, state, tag.site, batch, q_len, kv_len, n_prefix,
                                               is_causal, query.device)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, is_causal=False, **kwargs)
+    if plain_softmax:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, is_causal=False, **kwargs)
+    bias = kwargs.get("position_bias")
+    if bias is not None:
+        bias = torch.cat([_prefix_position_bias(module, tag, bias, q_len, kv_len, n_prefix), bias], dim=-1)
+    return _eager_attention(module, query, key, value, attention_mask, scaling=kwargs.get("scaling"),
+                            dropout=kwargs.get("dropout", 0.0), softcap=kwargs.get("softcap"), position_bias=bias,
+                            sinks=kwargs.get("s_aux", kwargs.get("sinks")))
+
+
+def _prefix_position_bias(module, tag, bias: Tensor, q_len: int, kv_len: int, n_prefix: int) -> Tensor:
+    """The relative position bias of the P prefix columns (module docstring: keys at relative position
+    (j - P) - i), from the site's own bias table; zeros where the site has none (T5's cross-attention)."""
+    table = tag.injector.bias_tables.get(tag.site)
+    if getattr(module, "has_relative_attention_bias", False):
+        table = module  # UMT5: every layer has its own table
+    shape = (bias.shape[0], bias.shape[1], q_len, n_prefix)
+    if table is None:
+        return bias.new_zeros(()).expand(shape)
+    device = bias.device
+    query_pos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)  # bottom-right: decoding steps
+    prefix_pos = torch.arange(n_prefix, device=device)[None, :] - n_prefix
+    relative = prefix_pos - query_pos  # (q, P)
+    if "bidirectional" in inspect.signature(table._relative_position_bucket).parameters:  # T5, mT5, LongT5
+        bucket = table._relative_position_bucket(relative, bidirectional=not table.is_decoder,
+                                                 num_buckets=table.relative_attention_num_buckets,
+                                                 max_distance=table.relative_attention_max_distance)
+    else:  # UMT5: the module reads its own settings
+        bucket = table._relative_position_bucket(relative)
+    values = table.relative_attention_bias(bucket).permute(2, 0, 1)[None]  # (1, H, q, P)
+    return values.to(bias.dtype).expand(shape)
+
+
+def _eager_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, *,
+                     scaling: float | None, dropout: float = 0.0, softcap: float | None = None,
+                     position_bias: Tensor | None = None, sinks: Tensor | None = None):
+    """softmax(modify(q [Pk; K]^T * scaling) + mask) [Pv; V], with the family's score modifiers applied in the
+    order its own eager attention applies them: soft-capping (Gemma2), then the position bias (T5), the mask,
+    and the sink logits (gpt-oss) as an extra column that takes probability but has no value.
+
+    query (B, H, q, hd); key/value (B, n_kv, P + kv, hd) with the prefix in front; masks bool (True =
+    attend) or additive. Returns (B, q, H, hd) and the probabilities, as transformers' functions do."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # (B, H, q, P + kv)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if position_bias is not None:
+        scores = scores + position_bias
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    if sinks is not None:
+        column = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1).to(scores.dtype)
+        scores = torch.cat([scores, column], dim=-1)
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
 def _cached_mask_with_prefix(attention_mask, state, site, batch, q_len, kv_len, n_prefix, is_causal, device):
@@ -204,13 +297,19 @@ def _decode_step_attention(module, query, key, value, pk, pv, attention_mask, st
             else scores + keep
     probs = torch.softmax(scores, dim=-1)
     p_pref = probs[..., :P].reshape(b0, r, n_kv, g, P).transpose(1, 2).reshape(b0, n_kv, r * g, P)
-    out_pref = torch.matmul(p_pref, pv).view(b0, n_kv, r, g, hd).transpose(1, 2).reshape(B, n_kv, g, hd)
-    out = out_pref + torch.matmul(probs[..., P:], value)  # (B, n_kv, g, hd)
-    return out.reshape(B, H, 1, hd).transpose(1, 2).contiguous(), None  # (B, 1, H, hd) as sdpa returns
+    vd = pv.shape[-1]
+    out_pref = torch.matmul(p_pref, pv).view(b0, n_kv, r, g, vd).transpose(1, 2).reshape(B, n_kv, g, vd)
+    out = out_pref + torch.matmul(probs[..., P:], value)  # (B, n_kv, g, vd)
+    # (B, 1, H, vd) as sdpa returns; vd, the value head size, differs from hd under multi-head latent attention
+    return out.reshape(B, H, 1, vd).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, _prefix_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+class UnsupportedArchitecture(UserError):
+    """A backbone family the prefix cannot reach exactly; raised when the backbone loads, before any work."""
 
 
 @dataclass(frozen=True)
@@ -223,7 +322,7 @@ class _Tag:
 def classify_site(module_path: str) -> str:
     """Attention site of a module from its path in the model: cross-attention, encoder or decoder self."""
     p = module_path.lower()
-    if any(s in p for s in ("encoder_attn", "crossattention", "cross_attn", "cross_attention")):
+    if any(s in p for s in ("encoder_attn", "crossattention", "cross_attn", "cross_attention", "encdecattention")):
         return "cross"
     parts = p.split(".")
     if "encoder" in parts:
@@ -255,13 +354,18 @@ class PrefixInjector:
     def __init__(self, model: nn.Module, expected_layers: dict[str, int]):
         self.state: PrefixState | None = None
         self.capture: dict | None = None  # when a dict, each attention call stores its own keys/values
+        self.observed: dict | None = None  # when a dict, each attention call stores its shapes (probe)
+        self.model_type = getattr(model.config, "model_type", type(model).__name__)
         self.sites = find_attention_modules(model)
         got = {s: len(m) for s, m in self.sites.items()}
         if got != expected_layers:
-            raise ValueError(
-                f"attention modules found in {type(model).__name__} per site {got} do not match the "
-                f"layers in its config {expected_layers}; this architecture is not supported yet"
-            )
+            raise UnsupportedArchitecture(
+                f"{self.model_type}: the attention modules found per site ({got or 'none'}) do not match the "
+                f"layers of its config ({expected_layers}), so a prefix cannot be placed in every layer; this "
+                f"family is not supported (docs/architectures.md lists the supported ones)")
+        # the relative-position bias table of each site (T5 family: the first layer's), for the prefix columns
+        self.bias_tables = {site: next((m for _, m in mods if getattr(m, "has_relative_attention_bias", False)),
+                                       None) for site, mods in self.sites.items()}
         self._hooks = []
         for site, mods in self.sites.items():
             for layer, (_, mod) in enumerate(mods):
@@ -272,6 +376,38 @@ class PrefixInjector:
         if encoder is not None:
             self._hooks.append(encoder.register_forward_hook(self._encoder_hook, with_kwargs=True))
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        used = getattr(model.config, "_attn_implementation", None)
+        if used != ATTN_IMPLEMENTATION:
+            raise UnsupportedArchitecture(
+                f"{self.model_type}: its attention does not go through transformers' attention interface (transformers "
+                f"kept attention implementation {used!r}), so a prefix would not take effect; this family is not "
+                f"supported (docs/architectures.md lists the supported ones)")
+
+    @torch.no_grad()
+    def probe(self, model: nn.Module) -> dict[tuple[str, int], tuple[tuple, tuple, tuple]]:
+        """Run the model once on two tokens and record, per (site, layer), the shapes of the query, keys and
+        values that reached this module's attention function. A layer missing from the record computes
+        attention in its own code, where no prefix can reach it: refused, naming its class."""
+        self.observed = {}
+        ids = torch.tensor([[1, 2]], device=next(model.parameters()).device)
+        extra = {"decoder_input_ids": ids} if getattr(model.config, "is_encoder_decoder", False) else {}
+        was_training = model.training
+        model.eval()
+        try:
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **extra)
+            observed = self.observed
+        finally:
+            self.observed = None
+            model.train(was_training)
+        missing = [(site, layer, type(mod).__name__) for site, mods in self.sites.items()
+                   for layer, (_, mod) in enumerate(mods) if (site, layer) not in observed]
+        if missing:
+            site, layer, cls = missing[0]
+            raise UnsupportedArchitecture(
+                f"{self.model_type}: {cls} ({site} layer {layer}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}) "
+                f"computes attention in its own code instead of transformers' attention interface, so a prefix "
+                f"cannot reach it; this family is not supported (docs/architectures.md lists the supported ones)")
+        return observed
 
     def activate(self, state: PrefixState | None) -> None:
         self.state = state

@@ -155,6 +155,7 @@ LOCAL_BACKBONES: dict[str, Callable[[Path], Path]] = {
     "tiny-gpt2": _tiny_builder("gpt2"),
     "tiny-bart": _tiny_builder("bart"),
     "tiny-llama": _tiny_builder("llama"),
+    "tiny-t5": _tiny_builder("t5"),
     SMOLLM2_135M_Q4.name: SMOLLM2_135M_Q4.build,
 }
 HUB_SUBSTITUTES = {SMOLLM2_135M_Q4.substitute_for: SMOLLM2_135M_Q4.name}

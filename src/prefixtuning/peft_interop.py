@@ -42,6 +42,9 @@ def export_peft(prefix: Prefix, backbone, out_dir: str | Path, shift_positions: 
     if served.gated:
         raise ExportError("APT's token gates and layer scales have no PEFT counterpart; export format=prefixtuning")
     k, v = served.key_values()["decoder"]  # (L, 1, H_kv, P, hd)
+    if k.shape[-1] != v.shape[-1]:
+        raise ExportError(f"PEFT's prefix holds keys and values of one size; this backbone has keys of {k.shape[-1]} "
+                          f"and values of {v.shape[-1]} per head: export format=prefixtuning")
     L, _, H, P, hd = k.shape
     emb = torch.stack([k[:, 0], v[:, 0]], dim=1).permute(3, 0, 1, 2, 4).reshape(P, L * 2 * H * hd)
     out = Path(out_dir)
@@ -71,6 +74,9 @@ def load_peft_prefix(path: str | Path, backbone) -> tuple[StaticPrefix, dict]:
     if backbone.is_encoder_decoder:
         raise ExportError("importing a PEFT prefix is supported for decoder-only backbones")
     g = backbone.geometry.sites["decoder"]
+    if g.value_dim is not None:
+        raise ExportError(f"{d}: PEFT's prefix holds keys and values of one size; backbone {backbone.name} has keys "
+                          f"of {g.head_dim} and values of {g.value_dim} per head")
     want = {"num_layers": g.n_layers, "num_attention_heads": g.n_kv_heads, "token_dim": g.n_kv_heads * g.head_dim}
     bad = {k: (cfg.get(k), v) for k, v in want.items() if cfg.get(k) != v}
     if bad:

@@ -87,7 +87,7 @@ class PrefixBank:
             p_max = max(e.prefix.length for e in used.values() if site in e.prefix.sites)
             ref = next(iter(used.values())).prefix.keys[site]
             K = ref.new_zeros(g.n_layers, B, g.n_kv_heads, p_max, g.head_dim)
-            V = torch.zeros_like(K)
+            V = ref.new_zeros(g.n_layers, B, g.n_kv_heads, p_max, g.v_dim)
             M = torch.zeros(B, p_max, dtype=torch.bool, device=self.device)
             for row, pid in enumerate(prefix_ids):
                 if pid is None or site not in used[pid].prefix.sites:
@@ -200,7 +200,7 @@ def _check_request(bank: PrefixBank, line: str, max_new_tokens: int) -> tuple[st
     geo = bank.backbone.geometry
     offset = bank.entries[pid].offset if pid is not None else 0
     need = n + (0 if bank.backbone.is_encoder_decoder else offset + max_new_tokens)
-    if (n if bank.backbone.is_encoder_decoder else need) > geo.max_positions:
+    if not geo.fits(n if bank.backbone.is_encoder_decoder else need):
         raise BadRequest(f"input of {n} tokens (+ prefix offset {offset} + max_new_tokens {max_new_tokens}) needs "
                          f"{need} positions, but backbone {bank.backbone.name} has {geo.max_positions}")
     return pid, text

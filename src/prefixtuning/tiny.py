@@ -1,7 +1,7 @@
 """Tiny local backbones for offline runs and tests.
 
 A tiny backbone is a real Hugging Face model of a real family (GPT-2, BART, Llama with grouped-query
-attention) with a byte-level BPE tokenizer trained here with the `tokenizers` library. It is built
+attention, T5 with its relative position bias) with a byte-level BPE tokenizer trained here with the `tokenizers` library. It is built
 once from a config, written with `save_pretrained`, and then loaded back through exactly the same
 `from_pretrained` path that hub ids such as `gpt2-medium` take. Weights are initialized from a seed
 (seeded) and pretrained for a few hundred steps on the shipped E2E sample lines, so the frozen model is
@@ -21,7 +21,7 @@ import torch
 from .cache import default_cache_dir, publish_dir
 from .data.e2e import linearize_mr, read_e2e_csv, sample_dir
 
-TINY_FAMILIES = ("gpt2", "bart", "llama")
+TINY_FAMILIES = ("gpt2", "bart", "llama", "t5")
 # Bump when the recipe below changes, so cached builds are not reused across recipes.
 _RECIPE_VERSION = 4
 
@@ -43,6 +43,8 @@ def _train_tokenizer(family: str, vocab_size: int):
 
     if family == "bart":
         specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    elif family == "t5":  # T5's convention: pad 0 (also the decoder's start token), eos 1, unk 2, a sentinel
+        specials = ["<pad>", "</s>", "<unk>", "<extra_id_0>"]
     else:
         specials = ["<|endoftext|>"]
     tok = Tokenizer(models.BPE())
@@ -64,6 +66,12 @@ def _train_tokenizer(family: str, vocab_size: int):
             tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
             mask_token="<mask>",
         )
+    if family == "t5":  # no bos; every sequence ends with </s>
+        eos = tok.token_to_id("</s>")
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", eos)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                       mask_token="<extra_id_0>")
     # GPT-2 convention: one special token serves as bos, eos and (here) pad.
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
@@ -72,7 +80,7 @@ def _train_tokenizer(family: str, vocab_size: int):
 
 
 def _config(family: str, tokenizer, size: dict):
-    from transformers import BartConfig, GPT2Config, LlamaConfig
+    from transformers import BartConfig, GPT2Config, LlamaConfig, T5Config
 
     d, layers, heads, positions = size["hidden"], size["layers"], size["heads"], size["positions"]
     vocab = len(tokenizer)
@@ -87,6 +95,12 @@ def _config(family: str, tokenizer, size: dict):
                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
                           forced_bos_token_id=None, forced_eos_token_id=None)
+    if family == "t5":  # T5 v1.1 / Flan-T5 layout: gated-GELU feed-forward, untied output embedding
+        return T5Config(vocab_size=vocab, d_model=d, d_kv=d // heads, d_ff=2 * d, num_layers=layers,
+                        num_decoder_layers=layers, num_heads=heads, relative_attention_num_buckets=32,
+                        relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
     if family == "llama":
         eos = tokenizer.eos_token_id
         return LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
@@ -99,7 +113,7 @@ def _config(family: str, tokenizer, size: dict):
 DEFAULT_SIZE = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "positions": 1024, "vocab": 1000,
                 "pretrain_steps": None}
 # An encoder-decoder needs longer to start using its encoder (cross-attention) at all.
-PRETRAIN_STEPS = {"gpt2": 300, "llama": 300, "bart": 1000}
+PRETRAIN_STEPS = {"gpt2": 300, "llama": 300, "bart": 1000, "t5": 300}
 
 
 def _pretrain(model, tokenizer, steps: int, seed: int, name: str = "tiny") -> list[float]:

@@ -45,7 +45,7 @@ def check_positions(model: TunedModel, longest: dict[str, int], where: str = "th
     geo, taken = model.backbone.geometry, model.method.positions_taken(model.backbone)
     what = model.method.summary()
     for side, n in longest.items():
-        if n + taken > geo.max_positions:
+        if not geo.fits(n + taken):
             if taken:
                 msg = (f"{what} takes {taken} positions + longest {side} input {n} tokens in {where} = {n + taken} "
                        f"positions, but backbone {model.backbone.name} has only {geo.max_positions}")

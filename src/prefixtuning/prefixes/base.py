@@ -27,7 +27,7 @@ class Prefix(nn.Module):
     """A trainable prefix for every attention site of a backbone.
 
     Subclasses implement `key_values()`, returning for each site a pair (keys, values), each of shape
-    (n_layers, 1, n_kv_heads, P, head_dim): one prefix shared by the batch (the injector broadcasts the
+    (n_layers, 1, n_kv_heads, P, head_dim) (values: value head size): one prefix shared by the batch (the injector broadcasts the
     row). Gated kinds also implement `gate(site, layer, pooled)`.
     """
 
@@ -60,8 +60,15 @@ class Prefix(nn.Module):
                              f"(it has {all_sites})")
 
     def kv_shape(self, site: str) -> tuple[int, int, int, int]:
+        """(L, n_kv, P, key head size): the keys of a site."""
         g = self.geometry.sites[site]
         return (g.n_layers, g.n_kv_heads, self.length, g.head_dim)
+
+    def value_shape(self, site: str) -> tuple[int, int, int, int]:
+        """(L, n_kv, P, value head size): the values, wider or narrower than the keys under multi-head latent
+        attention (DeepSeek-V2/V3), the same shape everywhere else."""
+        g = self.geometry.sites[site]
+        return (g.n_layers, g.n_kv_heads, self.length, g.v_dim)
 
     def key_values(self) -> dict[str, tuple[Tensor, Tensor]]:
         raise NotImplementedError

@@ -24,18 +24,25 @@ class ReparamPrefix(Prefix):
         self.mlps = nn.ModuleDict()
         for s in self.sites:
             L, n_kv, _, hd = self.kv_shape(s)
+            vd = self.value_shape(s)[-1]
             self.embeddings[s] = nn.Parameter(torch.randn(self.length, d))
             self.mlps[s] = nn.Sequential(nn.Linear(d, self.mid_dim), nn.Tanh(),
-                                         nn.Linear(self.mid_dim, L * 2 * n_kv * hd))
+                                         nn.Linear(self.mid_dim, L * n_kv * (hd + vd)))
 
     def extra_config(self) -> dict:
         return {"mid_dim": self.mid_dim}
 
     def _site_kv(self, s: str) -> tuple[Tensor, Tensor]:
         L, n_kv, P, hd = self.kv_shape(s)
-        out = self.mlps[s](self.embeddings[s])  # (P, L * 2 * n_kv * hd)
-        out = out.view(P, L, 2, n_kv, hd).permute(2, 1, 3, 0, 4)  # (2, L, n_kv, P, hd)
-        return out[0], out[1]
+        vd = self.value_shape(s)[-1]
+        out = self.mlps[s](self.embeddings[s])  # (P, L * n_kv * (hd + vd)): per layer, keys then values
+        if vd == hd:  # the layout of the paper's code: (P, L, 2, n_kv, hd)
+            out = out.view(P, L, 2, n_kv, hd).permute(2, 1, 3, 0, 4)  # (2, L, n_kv, P, hd)
+            return out[0], out[1]
+        out = out.view(P, L, n_kv * (hd + vd))
+        k = out[..., : n_kv * hd].reshape(P, L, n_kv, hd).permute(1, 2, 0, 3)
+        v = out[..., n_kv * hd:].reshape(P, L, n_kv, vd).permute(1, 2, 0, 3)
+        return k, v
 
     def key_values(self) -> dict[str, tuple[Tensor, Tensor]]:
         return {s: self._batched(*self._site_kv(s)) for s in self.sites}
@@ -49,7 +56,8 @@ class ReparamPrefix(Prefix):
         with torch.no_grad():
             for s, (k, v) in target.items():
                 L, n_kv, P, hd = self.kv_shape(s)
-                flat = torch.stack([k, v]).permute(3, 1, 0, 2, 4).reshape(P, -1)  # (P, L * 2 * n_kv * hd)
+                flat = torch.cat([k.permute(2, 0, 1, 3).reshape(P, L, -1), v.permute(2, 0, 1, 3).reshape(P, L, -1)],
+                                 dim=-1).reshape(P, -1)  # (P, L * n_kv * (hd + vd)), the MLP's output layout
                 self.mlps[s][2].bias.copy_(flat.mean(0))
         params = list(self.parameters())
         opt = torch.optim.Adam(params, lr=lr)

@@ -19,7 +19,7 @@ class StaticPrefix(Prefix):
         self.values = nn.ParameterDict()
         for s in self.sites:
             self.keys[s] = nn.Parameter(torch.randn(self.kv_shape(s)))  # (L, n_kv, P, hd)
-            self.values[s] = nn.Parameter(torch.randn(self.kv_shape(s)))
+            self.values[s] = nn.Parameter(torch.randn(self.value_shape(s)))  # (L, n_kv, P, value hd)
 
     def key_values(self) -> dict[str, tuple[Tensor, Tensor]]:
         return {s: self._batched(self.keys[s], self.values[s]) for s in self.sites}
