@@ -5,8 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# This project's machines keep a verified copy of the official data beside the clone (../shared/data): the data
+# root there. Elsewhere the root is the cache (python -m prefixtuning.data download <name> fills it); docs/data.md.
+ifneq ($(wildcard ../shared/data),)
+export PREFIXTUNING_DATA ?= $(abspath ../shared/data)
+endif
 
-.PHONY: venv train test test-fast test-slow test-all test-gpu bench replay clean
+.PHONY: venv train test test-fast test-slow test-all test-gpu bench replay clean data
 
 venv: $(VENV)/.installed
 
@@ -23,6 +28,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 train: venv
 	$(PY) train.py trainer=cpu
+
+# the official files of every dataset into the data root (DATASETS=e2e for one; docs/data.md)
+DATASETS ?= all
+data: venv
+	$(PY) -m prefixtuning.data download $(DATASETS)
 
 # two xdist workers on the 2-core machines (tests that start their own processes are in the slow tier)
 XDIST ?= -n 2

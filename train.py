@@ -12,7 +12,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from prefixtuning.errors import exit_on_user_error  # noqa: E402
+from prefixtuning.errors import UserError, exit_on_user_error  # noqa: E402
 
 import prefixtuning  # noqa: E402,F401  (registers the config resolvers)
 from prefixtuning.resume import ResumeError, resume_argv  # noqa: E402
@@ -28,9 +28,12 @@ def main(cfg: DictConfig):
 
     metrics = train(cfg)
     key = cfg.get("optimized_metric", "val/loss")  # the objective for Hydra sweepers (hparams_search=optuna)
-    if key not in metrics and HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweeper would optimize nothing
-        raise KeyError(f"optimized_metric={key!r} is not among this run's metrics: "
-                       f"{', '.join(sorted(k for k, v in metrics.items() if isinstance(v, float)))}")
+    hc = HydraConfig.get()
+    reads_objective = "BasicSweeper" not in str(hc.sweeper.get("_target_", ""))  # Optuna & co.; the basic one does not
+    if key not in metrics and hc.mode == RunMode.MULTIRUN and reads_objective:  # it would optimize nothing
+        raise UserError(f"optimized_metric={key} is not among this run's metrics, so the sweeper has nothing to "
+                        f"optimize (the run ended before a validation?); its metrics: "
+                        f"{', '.join(sorted(k for k, v in metrics.items() if isinstance(v, float)))}")
     return metrics.get(key)  # a single run (e.g. resuming a finished one) may have no new validation
 
 

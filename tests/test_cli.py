@@ -47,3 +47,8 @@ def test_score_cli_gives_the_official_numbers(tmp_path):
     proc = _run(["-m", "prefixtuning.score", "--task", "e2e", "--hyp", str(bad),
                  "--refs", str(FIX / "e2e_example_references.txt")])
     assert proc.returncode == 2 and "error:" in proc.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for hyp, refs in ((empty, empty), (empty, FIX / "e2e_example_references.txt")):  # nothing to score: an error
+        proc = _run(["-m", "prefixtuning.score", "--task", "e2e", "--hyp", str(hyp), "--refs", str(refs)])
+        assert proc.returncode == 2 and f"error: {empty} is empty: nothing to score" in proc.stderr, proc.stderr

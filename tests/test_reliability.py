@@ -245,3 +245,80 @@ def test_eval_device_auto_picks_what_is_there_and_a_missing_gpu_is_named():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"device='cuda' \(eval.yaml\): this machine has no CUDA GPU"):
             eval_device("cuda")
+
+
+# ---------------------------------------------------------------- 3. signals, one run per folder, empty runs
+
+@pytest.mark.slow
+def test_sigterm_mid_training_exits_nonzero_marks_the_run_interrupted_and_resumes_exactly(tmp_path):
+    """What SLURM sends before a pre-emption: the run stops non-zero (143), is marked interrupted (never
+    finished: no metrics.json), and the command it names continues to the uninterrupted run's exact prefix."""
+    import signal
+    import time
+
+    args = CLI_TINY + ["optim.epochs=3", "trainer.limit_train_batches=6", "validate_before_training=false"]
+    cli(args + [f"hydra.run.dir={tmp_path / 'full'}"])
+    run = tmp_path / "term"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", *args, f"hydra.run.dir={run}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((run / "checkpoints").glob("epoch0-*.ckpt")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out[-2000:]
+    state = json.loads((run / "interrupted.json").read_text())
+    assert state["by"] == "SIGTERM" and state["resume"] == f"python train.py hydra.run.dir={run} ckpt_path=last"
+    assert not (run / "metrics.json").exists() and not (run / ".run.lock").exists()
+    cli([f"hydra.run.dir={run}", "ckpt_path=last"])
+    assert not (run / "interrupted.json").exists() and (run / "metrics.json").exists()
+    a, b = _final_prefix(tmp_path / "full"), _final_prefix(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    from prefixtuning.checkpoint import RunLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        (tmp_path / ".run.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
+                                                        "started": "2026-11-30 03:00:00"}))
+        before = folder_digest(tmp_path)
+        with pytest.raises(RunFolderError, match=f"is in use by PID {holder.pid} on {socket.gethostname()}"):
+            train(compose_cfg(SMALL, tmp_path))
+        assert folder_digest(tmp_path) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = RunLock(tmp_path)  # the holder is gone: its lock is stale and taken over
+    lock.acquire()
+    assert json.loads((tmp_path / ".run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / ".run.lock").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.max_steps=0", "trainer.max_steps=0: this run would train nothing"),
+    ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0: this run would train nothing"),
+    ("trainer.limit_train_batches=0.0", "trainer.limit_train_batches=0: this run would train nothing"),
+    ("optim.epochs=0", "optim.epochs=0 is below its minimum 1")])
+def test_a_run_that_would_train_nothing_is_refused_before_any_work(tmp_path, override, message):
+    from prefixtuning.config_check import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        train(compose_cfg([*SMALL, override], tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_basic_sweep_whose_jobs_end_before_a_validation_succeeds(tmp_path):
+    """The objective (optimized_metric) matters only to sweepers that read it (Optuna); the basic sweeper's
+    jobs that never validate finish normally."""
+    proc = subprocess.run([sys.executable, "train.py", "-m", *CLI_TINY, "prefix.length=2,4", "trainer.max_steps=1",
+                           "validate_before_training=false", f"hydra.sweep.dir={tmp_path}"], cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list(tmp_path.glob("*/metrics.json"))) == 2

@@ -102,4 +102,4 @@ def test_a_sweep_on_a_metric_the_runs_do_not_have_fails_loudly(tmp_path):
                            "test_after_training=false", "validate_before_training=false", "hydra.sweeper.n_trials=1",
                            f"hydra.sweep.dir={tmp_path / 's'}"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
-    assert proc.returncode != 0 and "optimized_metric='test/BLUE' is not among this run's metrics" in proc.stderr
+    assert proc.returncode != 0 and "optimized_metric=test/BLUE is not among this run's metrics" in proc.stderr

@@ -39,3 +39,11 @@ def _cache_dir() -> str:
 
 if not OmegaConf.has_resolver("prefixtuning_cache_dir"):
     OmegaConf.register_new_resolver("prefixtuning_cache_dir", _cache_dir)
+
+
+def _data_root() -> str:
+    return str(default_cache_dir() / "data")  # the default data root (data/download.py, `data_root`)
+
+
+if not OmegaConf.has_resolver("prefixtuning_data_root"):
+    OmegaConf.register_new_resolver("prefixtuning_data_root", _data_root)

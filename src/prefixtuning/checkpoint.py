@@ -3,6 +3,11 @@ the file and the cause. Reading them back is `loading.py`'s job."""
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
+import socket
+import time
 from pathlib import Path
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -12,6 +17,62 @@ from .errors import UserError
 
 class RunFolderError(UserError, OSError):
     """The run folder cannot be written (read-only, full disk, not a folder); names the path and the cause."""
+
+
+class RunLock:
+    """One training process per run folder. `<folder>/.run.lock` names the holder (PID, host, start time);
+    a second process gets one sentence naming it. A lock whose process is gone (killed, crashed) on this host
+    is stale and taken over; a lock from another host is trusted (remove it by hand if that job is gone)."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".run.lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and self._alive(holder):
+                    raise RunFolderError(
+                        f"the run folder {self.path.parent} is in use by PID {holder.get('pid')} on "
+                        f"{holder.get('host')} (since {holder.get('started')}): wait for it, stop it, or choose "
+                        f"another hydra.run.dir") from None
+                print(f"[run] taking over the stale lock {self.path} "
+                      f"({'unreadable' if holder is None else 'PID %s is gone' % holder.get('pid')})", flush=True)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            atexit.register(self.release)
+            return
+        raise RunFolderError(f"could not take the lock {self.path}: other processes keep taking it")
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _alive(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return True  # cannot tell from here
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return True
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.path.unlink(missing_ok=True)
 
 
 def check_writable(folder: Path) -> None:

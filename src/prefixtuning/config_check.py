@@ -58,7 +58,7 @@ def _schema() -> dict[str, Spec]:
         "data.files": S(dict, null=True), "data.files.*": S(STR, BOOL, null=True),
         "data.batch_size": S(INT, min=1), "data.eval_batch_size": S(INT, min=1), "data.num_workers": S(INT, min=0),
         "data.max_train_examples": S(INT, null=True, min=1), "data.max_dev_examples": S(INT, null=True, min=1),
-        "data.prefix_length": S(INT, min=1), "data.max_source_tokens": S(INT, null=True, min=1),
+        "data.prefix_length": S(INT, min=1), "data.download": S(BOOL), "data.max_source_tokens": S(INT, null=True, min=1),
         "lowres.enabled": S(BOOL), "lowres.size": S(INT, min=1), "lowres.sample": S(INT, min=0),
         "lowres.dev_fraction": S(FLOAT, above=0, max=1),
         "extrapolation.name": S(STR), "extrapolation.field": S(STR), "extrapolation.train": S(LIST, null=True),
@@ -158,6 +158,19 @@ def check_train_config(cfg) -> None:
             raise ConfigError(f"config key trainer.{key} is not an argument of lightning.Trainer")
         if key in TRAINER:
             TRAINER[key].check(f"trainer.{key}", value)
+    _check_trains_something(trainer, c.get("optim", {}))
+
+
+def _check_trains_something(trainer: dict, optim: dict) -> None:
+    """A run whose settings allow no optimizer step would end with a metrics.json that looks like a result."""
+    nothing = {"trainer.max_steps": trainer.get("max_steps") == 0,
+               "trainer.limit_train_batches": trainer.get("limit_train_batches") in (0, 0.0),
+               "trainer.max_epochs": trainer.get("max_epochs") == 0 and trainer.get("max_steps", -1) in (-1, None),
+               "optim.epochs": optim.get("epochs") == 0 and trainer.get("max_steps", -1) in (-1, None)}
+    for key, zero in nothing.items():
+        if zero:
+            raise ConfigError(f"{key}=0: this run would train nothing (no optimizer step), yet write a metrics.json "
+                              f"that looks like a result; to score a checkpoint use evaluate.py")
 
 
 def _check_groups(cfg) -> None:

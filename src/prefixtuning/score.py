@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .metrics import score_task
 from .metrics.files import (WEBNLG_TEST_SEEN, WEBNLG_TEST_SIZE, ScoreInputError, check_same_length,
@@ -34,6 +35,10 @@ def parse_subsets(specs: list[str]) -> dict[str, range]:
 def score_files(task: str, hyp: str, refs: list[str], subsets: list[str] | None = None) -> dict:
     if not refs:
         raise ScoreInputError("give at least one --refs file")
+    for path in (hyp, *refs):  # an empty file would score 0 on every metric and look like a result
+        p = Path(path)
+        if p.is_file() and not p.read_bytes().strip():
+            raise ScoreInputError(f"{path} is empty: nothing to score")
     if task == "e2e":
         if len(refs) != 1:
             raise ScoreInputError("E2E takes one --refs file (CSV with mr,ref or blank-line separated groups)")

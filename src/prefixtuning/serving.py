@@ -224,7 +224,12 @@ def serve_jsonl(bank: PrefixBank, in_path: str | Path, out_path: str | Path, bat
 
         def emit(record: dict) -> None:
             counts["errors" if "error" in record else "served"] += 1
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            text = json.dumps(record, ensure_ascii=False)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate in the echoed input: written escaped, not lost
+                text = json.dumps(record, ensure_ascii=True)
+            out.write(text + "\n")
 
         def flush() -> None:
             results = {n: r for n, r in _serve_batch(bank, pending, generate_kwargs)}
@@ -246,6 +251,8 @@ def serve_jsonl(bank: PrefixBank, in_path: str | Path, out_path: str | Path, bat
                 pending.append((n, pid, text))
             except BadRequest as err:
                 ready.append({"line": n, "error": f"{in_path}, line {n}: {err}"})
+            except Exception as err:  # noqa: BLE001 - whatever fails on one request is that request's error line
+                ready.append({"line": n, "error": f"{in_path}, line {n}: {type(err).__name__}: {err}"})
             if len(pending) >= batch_size:
                 flush()
         flush()

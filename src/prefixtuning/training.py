@@ -14,17 +14,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from .artifacts import read_checkpoint
 from .callbacks import GenerationValidation, JsonlMetrics
-from .checkpoint import SafeCheckpointIO, check_writable
+from .checkpoint import RunFolderError, RunLock, SafeCheckpointIO, check_writable
 from .config_check import ConfigError, check_train_config
-from .data.datamodule import PrefixDataModule
+from .data.base import DataError
+from .data.datamodule import PrefixDataModule, build_dataset, missing_files, preflight_data
+from .data.download import download
 from .decoding import check_generation_positions
 from .evaluation import evaluate_model, format_table, select_inputs
 from .factory import build_model, initialize, load_backbone, parameter_report
@@ -175,15 +179,34 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     resume_from = checkpoint_to_resume(cfg, output_dir)  # checked before the run folder is written to
     check_writable(output_dir)
+    lock = RunLock(output_dir)
+    if _global_rank() == 0:  # DDP ranks > 0 share rank 0's folder and lock
+        lock.acquire()
+    try:
+        return _train(cfg, callbacks, output_dir, resume_from)
+    finally:
+        lock.release()
+
+
+def _global_rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+INTERRUPTED = "interrupted.json"
+
+
+def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from) -> dict:
     if resume_from is None or not (output_dir / "config.yaml").exists():
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # a resume keeps the run's own
     L.seed_everything(cfg.seed, workers=True)
 
+    dataset = prepare_data(cfg)  # every file the run reads exists and parses, before any model is built
     backbone = load_backbone(cfg)
     model = build_model(cfg, backbone)
     init_report = initialize(cfg, model)
     data = PrefixDataModule(cfg.data, backbone.tokenizer, backbone.is_encoder_decoder, seed=cfg.seed,
-                            lowres=cfg.get("lowres"), split=cfg.get("extrapolation"), output_dir=output_dir)
+                            lowres=cfg.get("lowres"), split=cfg.get("extrapolation"), output_dir=output_dir,
+                            dataset=dataset)
     check_positions(model, data.longest(("train", "dev")), where=f"data={cfg.data.name}")
     vg = cfg.get("val_generation")
     if cfg.get("test_after_training"):
@@ -204,7 +227,22 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
     if cfg.get("validate_before_training") and resume_from is None:
         start = trainer.validate(module, datamodule=data, verbose=False)
         metrics["val/loss_start"] = start[0]["val/loss"]
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+    except SystemExit as stop:  # SIGTERM (SLURM pre-emption: Lightning's SIGTERMException) or Ctrl-C
+        code = 143 if isinstance(stop, SIGTERMException) else (stop.code if isinstance(stop.code, int) and stop.code
+                                                              else 130)
+        why = "SIGTERM" if code == 143 else "an interrupt (Ctrl-C / SIGINT)"
+        last = output_dir / "checkpoints" / "last.ckpt"
+        if trainer.global_rank == 0:
+            resume = (f"python train.py hydra.run.dir={output_dir} ckpt_path=last" if last.is_file() else
+                      f"no checkpoint was written yet: start the run again in a new folder")
+            _write_json(output_dir / INTERRUPTED, {"status": "interrupted", "by": why, "global_step":
+                        trainer.global_step, "epoch": trainer.current_epoch, "resume": resume})
+            print(f"[run] interrupted by {why} at step {trainer.global_step}: no metrics.json (the run is not "
+                  f"finished); {resume}", flush=True)
+        raise SystemExit(code) from None
+    (output_dir / INTERRUPTED).unlink(missing_ok=True)  # finished now (a resumed run's earlier interruption)
     for k, v in trainer.callback_metrics.items():
         metrics[k] = float(v)
     ckpt_cb = trainer.checkpoint_callback
@@ -215,12 +253,62 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
         metrics.update(run_test_split(cfg, module, data, best, output_dir))
     if trainer.global_rank == 0:
         finish_run(trainer, module.model, cfg, metrics, output_dir)  # summary + artifact (W&B only)
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        _write_json(output_dir / "metrics.json", metrics)
         keys = ("val/loss_start", "val/loss", "train/loss", f"val/{data.dataset.fast_metric_name}")
         summary = {k: metrics[k] for k in keys if k in metrics}
         summary.update({k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float)})
         print(f"[run] {output_dir}\n[run] final metrics: " + json.dumps(summary), flush=True)
     return metrics
+
+
+def _write_json(path: Path, obj) -> None:
+    """Crash-safe: a temporary file in the same folder, fsynced, then renamed over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2, default=str))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise RunFolderError(f"could not write {path}: {err.strerror or err}; the previous {path.name} (if any) is "
+                             f"untouched") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_splits(cfg) -> list[str]:
+    """The splits a training run reads: train and dev, the validation generations' split and the test split."""
+    splits = ["train", "dev"]
+    vg = cfg.get("val_generation")
+    if vg and vg.get("enabled"):
+        splits.append(vg.split)
+    if cfg.get("test_after_training"):
+        splits.append(cfg.get("test_split", "test"))
+    return list(dict.fromkeys(splits))
+
+
+def prepare_data(cfg):
+    """The dataset of the run with every split it reads checked (data/datamodule.preflight_data). With
+    data.download=true, missing official files are fetched first: by global rank 0 only, the other ranks wait
+    for the files (so 64 ranks do not fetch at once)."""
+    root = cfg.paths.get("data_dir")
+    if cfg.data.get("download") and cfg.data.get("data_dir") is not None:
+        name = cfg.data.name
+        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+            download([name], root=root, progress=False)
+        else:
+            wait_for_files(build_dataset(cfg.data), run_splits(cfg))
+    return preflight_data(cfg.data, run_splits(cfg), root=root)
+
+
+def wait_for_files(dataset, splits, timeout_s: float = 3600.0) -> None:
+    """A rank other than 0 under data.download=true: wait until rank 0 has put every file in place."""
+    deadline = time.monotonic() + timeout_s
+    while missing_files(dataset, splits):
+        if time.monotonic() > deadline:
+            raise DataError(f"waited {timeout_s:.0f} s for rank 0 to download {missing_files(dataset, splits)[0]}")
+        time.sleep(5.0)
 
 
 def preflight_test(cfg, data: PrefixDataModule) -> None:

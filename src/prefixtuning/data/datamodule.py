@@ -40,16 +40,40 @@ def build_dataset(cfg):
     return DATASETS[name](data_dir=cfg.get("data_dir"), files=files)
 
 
+def missing_files(dataset, splits) -> list[Path]:
+    """The files of `splits` that are absent (an XML folder without XML files counts as absent)."""
+    return [p for p in dataset.needed_files(splits)
+            if not (p.is_file() or (p.is_dir() and any(p.glob("**/*.xml"))))]
+
+
+def preflight_data(cfg, splits, root: str | Path | None = None):
+    """Before any model is built: every file the run reads exists and parses. A missing file is named with the
+    command that fetches it. Returns the dataset (its parsed splits cached) for the data module."""
+    dataset = build_dataset(cfg)
+    missing = missing_files(dataset, splits)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        where = f" into {root}" if root else ""
+        raise DataError(f"data={cfg.name}: {missing[0]} does not exist{more}. Fetch the official files{where} with "
+                        f"`python -m prefixtuning.data download {cfg.name}` (or add data.download=true), or point "
+                        f"data.data_dir or $PREFIXTUNING_DATA at a copy (docs/data.md)"
+                        + ("; XSUM's articles come from the hub: data.files.hub=true reads them there"
+                           if cfg.name == "xsum" else ""))
+    for split in splits:
+        dataset.pairs(split)  # parses the split now: a malformed file stops the run here
+    return dataset
+
+
 class PrefixDataModule(L.LightningDataModule):
     """Tokenized splits of one dataset, with optional low-resource subsampling (`lowres`, the `lowres/`
     group) and category split (`split`, the `extrapolation/` group); the subsampled examples are written
     to `output_dir`."""
 
     def __init__(self, cfg, tokenizer, is_encoder_decoder: bool, seed: int = 0, lowres=None, split=None,
-                 output_dir: str | Path | None = None):
+                 output_dir: str | Path | None = None, dataset=None):
         super().__init__()
         self.cfg = cfg
-        self.dataset = build_dataset(cfg)
+        self.dataset = dataset if dataset is not None else build_dataset(cfg)  # preflight_data's, already read
         self.featurizer = Featurizer(tokenizer, is_encoder_decoder, max_source_tokens=cfg.get("max_source_tokens"))
         self.collate = Collator(self.featurizer.pad_id, is_encoder_decoder)
         self.seed = seed

@@ -113,19 +113,27 @@ class E2EData:
         else:
             self.data_dir = Path(data_dir)
             self.files = dict(files or self.default_files)
+        self._pairs: dict[str, list[Example]] = {}
 
     def path(self, split: str) -> Path:
         if split not in self.files:
             raise DataError(f"E2E has no split {split!r}; configured splits: {', '.join(self.files)}")
         return self.data_dir / self.files[split]
 
+    def needed_files(self, splits) -> list[Path]:
+        """The files a run on `splits` reads (checked before any model is built)."""
+        return [self.path(s) for s in splits]
+
     def pairs(self, split: str) -> list[Example]:
+        if split in self._pairs:  # read once (the pre-flight check reads every split before the model loads)
+            return list(self._pairs[split])
         rows = read_e2e_csv(self.path(split))
         if not rows:
             raise DataError(f"{self.path(split)}: split {split!r} has no examples (a header and no rows)")
         if rows[0].ref is None:
             raise DataError(f"{self.path(split)} has no references (MR column only); use testset_w_refs.csv")
-        return [Example(linearize_mr(r.mr), r.ref.strip()) for r in rows]
+        self._pairs[split] = [Example(linearize_mr(r.mr), r.ref.strip()) for r in rows]
+        return list(self._pairs[split])
 
     def eval_groups(self, split: str):
         """Inputs with all their references, in the official order (testset.csv's MR order)."""

@@ -142,6 +142,15 @@ class TripleData:
             self.files = dict(files or self.default_files)
         self._cache: dict[str, list[EvalGroup]] = {}
 
+    def needed_files(self, splits) -> list[Path]:
+        """The files (or XML folders) a run on `splits` reads (checked before any model is built)."""
+        out = []
+        for s in splits:
+            if s not in self.files:
+                raise DataError(f"{self.name} has no split {s!r}; configured splits: {', '.join(self.files)}")
+            out.append(self.data_dir / self.files[s])
+        return out
+
     def path(self, split: str) -> Path:
         if split not in self.files:
             raise DataError(f"{self.name} has no split {split!r}; configured splits: {', '.join(self.files)}")

@@ -61,6 +61,13 @@ class XSumData:
         self._split: dict | None = None
 
     # ---- loading
+    def needed_files(self, splits) -> list[Path]:
+        """The split file, the articles (unless read from the hub) and the URL list if configured: every
+        split reads them all (checked before any model is built)."""
+        keys = ["split_file"] + ([] if self.files.get("hub") else ["documents"])
+        keys += ["urls_file"] if self.files.get("urls_file") else []
+        return [self.data_dir / self.files[k] for k in keys]
+
     def _file(self, key: str) -> Path:
         p = self.data_dir / self.files[key]
         if not p.is_file():
