@@ -164,5 +164,7 @@ def test_e2e_wrong_counts_and_empty_references(tmp_path):
         score_files("xsum", str(hyp), [str(tmp_path / "missing.txt")])
     empty = tmp_path / "refs.txt"
     empty.write_text("\n\n")
-    with pytest.raises(ScoreInputError, match="holds no references"):
+    with pytest.raises(ScoreInputError, match=r"refs.txt is empty: nothing to score"):
         score_files("e2e", str(hyp), [str(empty)])
+    with pytest.raises(ScoreInputError, match=r"refs.txt is empty: nothing to score"):  # as hypotheses too
+        score_files("xsum", str(empty), [str(hyp)])

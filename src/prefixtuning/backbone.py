@@ -169,6 +169,10 @@ class Backbone(nn.Module):
     def is_encoder_decoder(self) -> bool:
         return self.geometry.is_encoder_decoder
 
+    def identity(self) -> dict:
+        """What an artifact records of its backbone and every loader checks (artifacts.check_identity)."""
+        return {"backbone": self.name, "geometry": self.geometry.to_dict()}
+
     @classmethod
     def load(cls, name_or_path: str, *, offline_substitute: str | None = None, cache_dir: str | None = None,
              dtype: str = "float32", dropout: float | None = None, gradient_checkpointing: bool = False

@@ -54,7 +54,7 @@ def _from_export(path: Path):
         raise ExportError(f"{path / fmt.meta} has no training config; loading needs its backbone, data and method")
     cfg = OmegaConf.create(meta["config"])
     backbone = load_backbone(cfg, trained_on=meta.get("backbone"))
-    check_identity(str(path), meta, _backbone_identity(backbone), fields=("backbone", "geometry"))
+    check_identity(str(path), meta, backbone.identity(), fields=("backbone", "geometry"))
     kind = "prefix" if fmt == PREFIX_EXPORT else meta.get("method", {}).get("kind")
     if kind not in METHODS:
         raise ExportError(f"{path / fmt.meta}: method {kind!r} is not one of {', '.join(sorted(METHODS))}")
@@ -66,10 +66,6 @@ def _from_export(path: Path):
     model = TunedModel(backbone, method)
     method.restore(model, tensors, str(path / fmt.weights))
     return model, cfg
-
-
-def _backbone_identity(backbone: Backbone) -> dict:
-    return {"backbone": backbone.name, "geometry": backbone.geometry.to_dict()}
 
 
 def load_prefix(path: str | Path, backbone: Backbone) -> tuple[Prefix, dict]:
@@ -86,7 +82,7 @@ def load_prefix(path: str | Path, backbone: Backbone) -> tuple[Prefix, dict]:
                               f"(the prefix bank, serving) injects per-row prefixes and serves prefix exports only; "
                               f"load this one with evaluate.py ckpt={d} or loading.load_trained") from None
         raise err
-    check_identity(str(d), meta, _backbone_identity(backbone), fields=("backbone", "geometry"))
+    check_identity(str(d), meta, backbone.identity(), fields=("backbone", "geometry"))
     try:
         prefix = load_exported_prefix(backbone.geometry, meta, tensors, str(d / PREFIX_EXPORT.weights))
     except ValueError as err:

@@ -65,8 +65,7 @@ class TunedModel(nn.Module):
 
     def identity(self) -> dict:
         """What checkpoints and exports record and every loader checks (artifacts.check_identity)."""
-        bb = self.backbone
-        return {"backbone": bb.name, "geometry": bb.geometry.to_dict(), "method": self.method.describe()}
+        return {**self.backbone.identity(), "method": self.method.describe()}
 
     @property
     def position_offset(self) -> int:
