@@ -195,6 +195,10 @@ def test_a_replay_row_without_replay_settings_is_refused_before_any_work(tmp_pat
     ("+trainer.max_epoch=3", "config key trainer.max_epoch is not an argument of lightning.Trainer"),
     ("trainer.max_steps=ten", "trainer.max_steps='ten' is a str; expected int"),
     ("+surprise=1", "config key surprise is not read by anything"),
+    ("optim.lr=nan", "optim.lr=nan is not a finite number"),
+    ("trainer.precision=bf17-mixed", "trainer.precision='bf17-mixed' is not one of"),
+    ("checkpoint.monitor=val/BLUE", "checkpoint.monitor=val/BLUE is not a metric this run logs (val/loss, "
+                                    "train/loss, val/BLEU)"),
 ])
 def test_bad_values_and_unread_keys_fail_before_any_model_loads(tmp_path, override, message, monkeypatch):
     import prefixtuning.training as training

@@ -70,13 +70,24 @@ def _write(tmp_path, text):
     ('mr,ref\n"name[A], colour[red]",A.\n', 2, "unknown attribute 'colour'"),
     ('mr,ref\n"name[A]",A.\n"name[B]"\n', 3, "1 fields, expected 2"),
     ('mr,ref\n"name[A]",A.\n"name[B]",  \n', 3, "empty reference"),
-    ('mr,ref\n"name[A]",A.\n"name[B]","multi\nline ok"\n"name[C]",C,extra\n', 5, "3 fields"),
+    ('mr,ref\n"name[A]",A.\n"name[B]",B.\n"name[C]",C,extra\n', 4, "3 fields"),
+    ('mr,ref\n"name[A]",A.\n"name[B]","nul\x00here"\n', 3, "field ref: a NUL byte"),
+    ('mr,ref\n"name[A]",A.\n"name[B]","multi\nline"\n"name[C]",C,extra\n', 5, "3 fields"),  # lines counted
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, body, line, what):
     p = _write(tmp_path, body)
     with pytest.raises(DataError) as err:
         read_e2e_csv(p)
     assert f"{p}, line {line}" in str(err.value) and what in str(err.value)
+
+
+def test_a_quoted_line_break_is_joined_and_reported_never_shifting_the_groups(tmp_path, capsys):
+    """The official trainset.csv has a reference with a quoted line break (line 15766). Every reference and
+    prediction file is one line per text, so the break is joined with a space, and the reader says so."""
+    p = _write(tmp_path, 'mr,ref\n"name[A]",A.\n"name[B]","two\r\n  lines"\n"name[B]",B.\n')
+    rows = read_e2e_csv(p)
+    assert [r.ref for r in rows] == ["A.", "two lines", "B."] and [r.line for r in rows] == [2, 3, 5]
+    assert f"{p}: 1 value(s) held a line break, joined with a space (line 3, field ref)" in capsys.readouterr().out
 
 
 def test_bad_header_and_missing_split(tmp_path):

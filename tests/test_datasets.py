@@ -150,9 +150,27 @@ def test_bad_triple_files_name_the_file_and_record(tmp_path):
                                     "<mtriple>A | b</mtriple></modifiedtripleset></entry></entries></benchmark>")
     with pytest.raises(DataError, match=r"two.xml, entry Id7: triple 'A \| b' does not have three parts"):
         read_triples_xml(p)
-    p = _write(tmp_path, "bad.json", '[{"tripleset": [["a", "b"]], "annotations": []}]')
+    p = _write(tmp_path, "bad.json", '[{"tripleset": [["a", "b"]], "annotations": [{"text": "x"}]}]')
     with pytest.raises(DataError, match=r"bad.json, record 1: triple \['a', 'b'\] does not have three parts"):
         read_dart_json(p)
+    # records without references are rejected by name, never silently dropped from training
+    p = _write(tmp_path, "noref.json", '[{"tripleset": [["a", "b", "c"]], "annotations": [{"text": "x"}]}, '
+                                       '{"tripleset": [["a", "b", "c"]], "annotations": []}]')
+    with pytest.raises(DataError, match=r"noref.json, record 2, field 'annotations': no annotation"):
+        read_dart_json(p)
+    p = _write(tmp_path, "int.json", '[{"tripleset": [["a", "b", "c"]], "annotations": [{"text": 7}]}]')
+    with pytest.raises(DataError, match=r"int.json, record 1, field 'annotations'\[0\]: expected an object with a "
+                                        r"string 'text'"):
+        read_dart_json(p)
+    p = _write(tmp_path, "nolex.xml", "<benchmark><entries><entry eid='Id3'><modifiedtripleset><mtriple>A | b | c"
+                                      "</mtriple></modifiedtripleset></entry></entries></benchmark>")
+    with pytest.raises(DataError, match=r"nolex.xml, entry Id3: no <lex> reference"):
+        read_triples_xml(p)
+    p = _write(tmp_path, "nolex.json", json.dumps({"entries": [{"1": {"category": "Airport", "lexicalisations": [],
+                                                                     "modifiedtripleset": [{"subject": "A",
+                                                                     "property": "b", "object": "c"}]}}]}))
+    with pytest.raises(DataError, match=r"nolex.json, record 1 \(id 1\), field 'lexicalisations': no reference"):
+        read_webnlg_json(p)
     p = _write(tmp_path, "trunc.json", '{"entries": [')
     with pytest.raises(DataError, match=r"trunc.json: malformed JSON"):
         read_webnlg_json(p)

@@ -314,6 +314,7 @@ def test_a_run_that_would_train_nothing_is_refused_before_any_work(tmp_path, ove
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a multirun
 def test_a_basic_sweep_whose_jobs_end_before_a_validation_succeeds(tmp_path):
     """The objective (optimized_metric) matters only to sweepers that read it (Optuna); the basic sweeper's
     jobs that never validate finish normally."""
@@ -322,3 +323,25 @@ def test_a_basic_sweep_whose_jobs_end_before_a_validation_succeeds(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list(tmp_path.glob("*/metrics.json"))) == 2
+
+
+@pytest.mark.slow  # a multirun, twice
+def test_a_killed_sweep_continues_skipping_finished_jobs(tmp_path):
+    """The same -m command with sweep_resume=true: a finished job is skipped (its files untouched), a job killed
+    after its last checkpoint continues from it and finishes."""
+    args = ["train.py", "-m", *CLI_TINY, "prefix.length=2,4", "optim.epochs=1", "validate_before_training=false",
+            f"hydra.sweep.dir={tmp_path}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    done = folder_digest(tmp_path / "0")
+    (tmp_path / "1" / "metrics.json").unlink()  # job 1 as if killed after writing its checkpoint
+    again = subprocess.run([sys.executable, *args, "sweep_resume=true"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-2000:]
+    assert f"{tmp_path / '0'} finished already: skipped" in out
+    assert f"continuing {tmp_path / '1'} from its last checkpoint" in out
+    kept = lambda d: {k: v for k, v in d.items() if k == "metrics.json" or k.startswith("checkpoints")}  # noqa: E731
+    assert kept(folder_digest(tmp_path / "0")) == kept(done) and "metrics.json" in kept(done)
+    assert (tmp_path / "1" / "metrics.json").is_file()

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from prefixtuning.report import report
 
@@ -26,6 +28,7 @@ def _run(args):
     return proc.stdout
 
 
+@pytest.mark.slow  # a 6-job multirun and its report
 def test_multirun_report_groups_means_figures_and_failed_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     out = _run(["train.py", "-m", *SWEEP, f"hydra.sweep.dir={sweep}",

@@ -15,9 +15,11 @@ evaluate.py's and export.py's configs are checked by `check_eval_config` / `chec
 from __future__ import annotations
 
 import inspect
+import typing
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from omegaconf import OmegaConf
 
 from .artifacts import EXPORT_CHOICES
@@ -33,7 +35,7 @@ def _schema() -> dict[str, Spec]:
     return {
         "task_name": S(STR), "seed": S(INT, min=0), "optimized_metric": S(STR),
         "optimized_direction": S(STR, choices=("minimize", "maximize")), "ckpt_path": S(STR, null=True),
-        "resume_allow_changes": S(BOOL), "validate_before_training": S(BOOL), "test_after_training": S(BOOL),
+        "resume_allow_changes": S(BOOL), "sweep_resume": S(BOOL), "validate_before_training": S(BOOL), "test_after_training": S(BOOL),
         "test_split": S(STR, choices=SPLITS), "test_max_inputs": S(INT, null=True, min=1),
         "test_stride": S(INT, min=1),
         "show_examples": S(INT, min=0),
@@ -100,12 +102,19 @@ def _kind_spec(cfg, key: str) -> Spec | None:
 # keys of a group that no kind reads when the group is switched off (prefix=none, init=none)
 GROUP_OFF = {"prefix": "prefix.kind", "init": "init.kind"}
 
+def _flat(t) -> tuple:
+    return tuple(x for a in typing.get_args(t) for x in (_flat(a) if typing.get_args(a) else (a,)))
+
+
+# what Lightning accepts as trainer.precision (its own type), checked here before any model loads
+PRECISIONS = _flat(_PRECISION_INPUT)
+
 # Lightning Trainer arguments whose types this project relies on
 TRAINER = {"max_epochs": S(INT, null=True, min=-1), "max_steps": S(INT, min=-1), "devices": S(INT, STR, LIST),
            "log_every_n_steps": S(INT, min=1), "accumulate_grad_batches": S(INT, min=1),
            "gradient_clip_val": S(FLOAT, null=True, min=0), "num_sanity_val_steps": S(INT, min=-1),
            "limit_train_batches": S(INT, FLOAT, null=True, min=0), "limit_val_batches": S(INT, FLOAT, null=True, min=0),
-           "check_val_every_n_epoch": S(INT, null=True, min=1), "precision": S(STR, INT),
+           "check_val_every_n_epoch": S(INT, null=True, min=1), "precision": S(STR, INT, choices=PRECISIONS),
            "enable_progress_bar": S(BOOL), "deterministic": S(BOOL, STR), "fast_dev_run": S(BOOL, INT)}
 
 

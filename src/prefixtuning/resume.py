@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from .errors import UserError
 
 # keys that may differ between the interrupted command and the resuming one
-IGNORED = ("ckpt_path", "resume_allow_changes", "paths", "hydra")
+IGNORED = ("ckpt_path", "resume_allow_changes", "sweep_resume", "paths", "hydra")
 
 
 class ResumeError(UserError, RuntimeError):

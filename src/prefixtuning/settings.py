@@ -4,6 +4,7 @@ each prefix kind, method and initialization declares its own keys with these, ne
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,8 @@ class Spec:
             ok = True  # an int where a float is expected (lr=1 is fine)
         if not ok:
             raise ConfigError(f"{key}={value!r} is a {type(value).__name__}; expected {self._what()}")
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+            raise ConfigError(f"{key}={value!r} is not a finite number")
         if self.choices is not None and value not in self.choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, self.choices))}")
         if self.min is not None and value < self.min:

@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .artifacts import read_checkpoint
 from .callbacks import GenerationValidation, JsonlMetrics
@@ -36,7 +36,7 @@ from .gates import probe_gates, write_gate_report
 from .lightning_module import PrefixTuningModule
 from .metrics import java
 from .model import TunedModel
-from .resume import ContinuingCSVLogger, checkpoint_to_resume
+from .resume import ContinuingCSVLogger, ResumeError, checkpoint_to_resume, config_diff
 from .wandb_run import GateImages, finish_run, run_identity
 
 log = logging.getLogger(__name__)
@@ -177,15 +177,44 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
     single_console_logging()
     check_train_config(cfg)  # types, ranges and unread keys, before any model is loaded
     output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("sweep_resume"):
+        finished = finished_job(cfg, output_dir)
+        if finished is not None:
+            return finished
+        if (output_dir / "checkpoints" / "last.ckpt").is_file():
+            with open_dict(cfg):
+                cfg.ckpt_path = "last"
+            print(f"[run] sweep_resume: continuing {output_dir} from its last checkpoint", flush=True)
     resume_from = checkpoint_to_resume(cfg, output_dir)  # checked before the run folder is written to
+    dataset = prepare_data(cfg)  # every file the run reads exists and parses, before any folder or model
     check_writable(output_dir)
     lock = RunLock(output_dir)
     if _global_rank() == 0:  # DDP ranks > 0 share rank 0's folder and lock
         lock.acquire()
     try:
-        return _train(cfg, callbacks, output_dir, resume_from)
+        return _train(cfg, callbacks, output_dir, resume_from, dataset)
     finally:
         lock.release()
+
+
+def finished_job(cfg, output_dir: Path) -> dict | None:
+    """sweep_resume=true: a job folder that already holds the finished run of the same settings is skipped and
+    its metrics returned; other settings in that folder are refused (a different sweep in the same folder)."""
+    done, saved_cfg = output_dir / "metrics.json", output_dir / "config.yaml"
+    if not done.is_file() or (output_dir / INTERRUPTED).exists():
+        return None
+    if saved_cfg.is_file():
+        diffs = config_diff(OmegaConf.to_container(OmegaConf.load(saved_cfg), resolve=True),
+                            OmegaConf.to_container(cfg, resolve=True))
+        if diffs:
+            k, a, b = diffs[0]
+            raise ResumeError(f"sweep_resume: {output_dir} holds a finished run with other settings ({k}: {a!r} "
+                              f"there, {b!r} now); resume a sweep with its own command and hydra.sweep.dir")
+    print(f"[run] sweep_resume: {output_dir} finished already: skipped (metrics.json kept)", flush=True)
+    try:
+        return json.loads(done.read_text())
+    except ValueError as err:
+        raise ResumeError(f"{done}: unreadable ({err}); remove it to run the job again") from None
 
 
 def _global_rank() -> int:
@@ -195,12 +224,11 @@ def _global_rank() -> int:
 INTERRUPTED = "interrupted.json"
 
 
-def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from) -> dict:
+def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from, dataset) -> dict:
     if resume_from is None or not (output_dir / "config.yaml").exists():
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # a resume keeps the run's own
     L.seed_everything(cfg.seed, workers=True)
 
-    dataset = prepare_data(cfg)  # every file the run reads exists and parses, before any model is built
     backbone = load_backbone(cfg)
     model = build_model(cfg, backbone)
     init_report = initialize(cfg, model)
@@ -299,7 +327,21 @@ def prepare_data(cfg):
             download([name], root=root, progress=False)
         else:
             wait_for_files(build_dataset(cfg.data), run_splits(cfg))
-    return preflight_data(cfg.data, run_splits(cfg), root=root)
+    dataset = preflight_data(cfg.data, run_splits(cfg), root=root)
+    check_monitor(cfg, dataset)
+    return dataset
+
+
+def check_monitor(cfg, dataset) -> None:
+    """checkpoint.monitor names a metric this run logs (else Lightning fails after the first epoch)."""
+    vg = cfg.get("val_generation")
+    logged = ["val/loss", "train/loss"]
+    if vg and vg.get("enabled"):
+        logged.append(f"val/{dataset.fast_metric_name}")
+    monitor = (cfg.get("checkpoint") or {}).get("monitor", "val/loss")
+    if monitor not in logged:
+        raise ConfigError(f"checkpoint.monitor={monitor} is not a metric this run logs ({', '.join(logged)}"
+                          f"{'' if vg and vg.get('enabled') else '; val/' + dataset.fast_metric_name + ' needs val_generation.enabled=true'})")
 
 
 def wait_for_files(dataset, splits, timeout_s: float = 3600.0) -> None:

@@ -78,6 +78,7 @@ def read_e2e_csv(path: str | Path) -> list[E2ERow]:
         if header not in (["mr", "ref"], ["mr"]):
             raise DataError(f"{path}, line 1: header is {header}, expected 'mr,ref' or 'MR'")
         start = 2
+        joined: list[str] = []
         try:
             for fields in reader:
                 line = start
@@ -91,12 +92,23 @@ def read_e2e_csv(path: str | Path) -> list[E2ERow]:
                     parse_mr(fields[0])
                 except ValueError as err:
                     raise DataError(f"{path}, line {line}, field mr: malformed MR: {err}") from None
+                for k, (name, value) in enumerate(zip(header, fields)):
+                    if "\x00" in value:
+                        raise DataError(f"{path}, line {line}, field {name}: a NUL byte")
+                    if "\n" in value or "\r" in value:
+                        # a quoted line break (the official trainset.csv has one, line 15766): every reference
+                        # file and prediction file is one line per text, so it is joined with a space, and said
+                        fields[k] = " ".join(value.split())
+                        joined.append(f"line {line}, field {name}")
                 ref = fields[1] if len(header) == 2 else None
                 if ref is not None and not ref.strip():
                     raise DataError(f"{path}, line {line}, field ref: empty reference")
                 rows.append(E2ERow(fields[0], ref, line))
         except csv.Error as err:
             raise DataError(f"{path}, line {reader.line_num}: {err}") from None
+    if joined:
+        print(f"[data] {path}: {len(joined)} value(s) held a line break, joined with a space ({', '.join(joined[:3])}"
+              f"{', ...' if len(joined) > 3 else ''})", flush=True)
     return rows
 
 

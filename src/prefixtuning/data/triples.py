@@ -49,6 +49,9 @@ def read_triples_xml(path: Path, triple_tag: str = "mtriple") -> list[EvalGroup]
         if not triples:
             raise DataError(f"{where}: no <{triple_tag}> triples")
         refs = tuple((lex.text or "").strip() for lex in entry.iter("lex"))
+        if not refs:
+            raise DataError(f"{where}: no <lex> reference, so it can be neither trained on nor scored; fix or "
+                            f"remove the entry")
         meta = {"category": entry.get("category"), "eid": eid, "size": entry.get("size"), "file": path.name,
                 "sources": tuple(lex.get("comment") for lex in entry.iter("lex"))}
         records.append(EvalGroup(linearize_triples(triples), refs, meta))
@@ -76,10 +79,19 @@ def read_webnlg_json(path: Path) -> list[EvalGroup]:
         where = f"{path}, record {n} (id {key})"
         try:
             triples = [(t["subject"], t["property"], t["object"]) for t in e["modifiedtripleset"]]
-            refs = tuple(lex["lex"].strip() for lex in e["lexicalisations"])
+            lexes = e["lexicalisations"]
             category = e["category"]
         except (KeyError, TypeError) as err:
             raise DataError(f"{where}: missing field {err}") from None
+        if not isinstance(lexes, list) or not lexes:
+            raise DataError(f"{where}, field 'lexicalisations': no reference, so the record can be neither trained "
+                            f"on nor scored; fix or remove it")
+        for k, lex in enumerate(lexes):
+            if not isinstance(lex, dict) or not isinstance(lex.get("lex"), str):
+                raise DataError(f"{where}, field 'lexicalisations'[{k}]: expected an object with a string 'lex'")
+        if not all(isinstance(x, str) for t in triples for x in t):
+            raise DataError(f"{where}, field 'modifiedtripleset': subject, property and object must be strings")
+        refs = tuple(lex["lex"].strip() for lex in lexes)
         for t in triples:
             if not t[0] or not t[1]:
                 raise DataError(f"{where}: triple {t} does not have three parts")
@@ -98,11 +110,20 @@ def read_dart_json(path: Path) -> list[EvalGroup]:
     for n, e in enumerate(data, start=1):
         where = f"{path}, record {n}"
         try:
-            raw = e["tripleset"]
-            refs = tuple(a["text"].strip() for a in e["annotations"])
-            sources = tuple(a.get("source") for a in e["annotations"])
+            raw, annotations = e["tripleset"], e["annotations"]
         except (KeyError, TypeError) as err:
             raise DataError(f"{where}: missing field {err}") from None
+        if not isinstance(annotations, list) or not annotations:
+            raise DataError(f"{where}, field 'annotations': no annotation, so the record can be neither trained on "
+                            f"nor scored; fix or remove it")
+        for k, a in enumerate(annotations):
+            if not isinstance(a, dict) or not isinstance(a.get("text"), str):
+                raise DataError(f"{where}, field 'annotations'[{k}]: expected an object with a string 'text', got "
+                                f"{a!r:.80}")
+        refs = tuple(a["text"].strip() for a in annotations)
+        sources = tuple(a.get("source") for a in annotations)
+        if not isinstance(raw, list):
+            raise DataError(f"{where}, field 'tripleset': expected a list of [subject, property, object]")
         triples = []
         for t in raw:
             if not isinstance(t, list) or len(t) != 3:
