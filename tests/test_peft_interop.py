@@ -1,6 +1,7 @@
 """PEFT interoperability: our prefix exported in PEFT's format gives PeftModel.from_pretrained the same
 logits (right-padded and unpadded) and the same greedy tokens; a PEFT adapter imports to the same prefix."""
 
+import json
 import os
 import subprocess
 import sys
@@ -76,6 +77,17 @@ def test_what_peft_cannot_express_is_refused(tmp_path):
     export_peft(gpt2.prefix, gpt2.backbone, tmp_path / "d")
     with pytest.raises(ExportError, match="does not match backbone tiny-llama"):
         load_peft_prefix(tmp_path / "d", load_tiny("llama"))
+    # a corrupt weights file and an adapter declaring another base are refused with their names
+    cfg = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
+    (tmp_path / "d" / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "gpt2-medium"}))
+    gpt2.backbone.name = "gpt2"  # as if loaded from the hub as gpt2
+    with pytest.raises(ExportError, match=r"adapter_config.json: the adapter was trained on gpt2-medium, not on "
+                                          r"backbone gpt2"):
+        load_peft_prefix(tmp_path / "d", gpt2.backbone)
+    (tmp_path / "d" / "adapter_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "d" / "adapter_model.safetensors").write_bytes(b"\x00\x01 not safetensors")
+    with pytest.raises(ExportError, match=r"adapter_model.safetensors: no readable prompt_embeddings"):
+        load_peft_prefix(tmp_path / "d", gpt2.backbone)
 
 
 def test_export_cli_format_peft(tmp_path):

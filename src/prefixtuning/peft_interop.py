@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .artifacts import ExportError
@@ -59,6 +60,12 @@ def export_peft(prefix: Prefix, backbone, out_dir: str | Path, shift_positions: 
     return out / WEIGHTS
 
 
+def _hub_id(name) -> bool:
+    """A hub id such as `gpt2-medium` or `org/model` (not a local path, not a local backbone's build folder)."""
+    return isinstance(name, str) and bool(name) and not name.startswith(("/", ".", "~")) and name.count("/") <= 1 \
+        and not Path(name).exists()
+
+
 def load_peft_prefix(path: str | Path, backbone) -> tuple[StaticPrefix, dict]:
     """(static prefix, metadata) from a PEFT prefix-tuning adapter directory, checked against `backbone`."""
     d = Path(path)
@@ -73,6 +80,10 @@ def load_peft_prefix(path: str | Path, backbone) -> tuple[StaticPrefix, dict]:
                           f"with PEFT and save it with prefix_projection=false")
     if backbone.is_encoder_decoder:
         raise ExportError("importing a PEFT prefix is supported for decoder-only backbones")
+    declared = cfg.get("base_model_name_or_path")
+    if _hub_id(declared) and _hub_id(backbone.name) and declared != backbone.name:
+        raise ExportError(f"{d / CONFIG}: the adapter was trained on {declared}, not on backbone {backbone.name} "
+                          f"(base_model_name_or_path); load it on its own base")
     g = backbone.geometry.sites["decoder"]
     if g.value_dim is not None:
         raise ExportError(f"{d}: PEFT's prefix holds keys and values of one size; backbone {backbone.name} has keys "
@@ -84,7 +95,7 @@ def load_peft_prefix(path: str | Path, backbone) -> tuple[StaticPrefix, dict]:
                           f"does not match backbone {backbone.name}")
     try:
         emb = load_file(str(d / WEIGHTS))["prompt_embeddings"]
-    except (OSError, KeyError, RuntimeError) as err:
+    except (OSError, KeyError, RuntimeError, SafetensorError) as err:  # missing, truncated or not safetensors
         raise ExportError(f"{d / WEIGHTS}: no readable prompt_embeddings ({err})") from None
     P = int(cfg["num_virtual_tokens"])
     if emb.shape != (P, g.n_layers * 2 * g.n_kv_heads * g.head_dim):
