@@ -323,7 +323,7 @@ def prepare_data(cfg):
     root = cfg.paths.get("data_dir")
     if cfg.data.get("download") and cfg.data.get("data_dir") is not None:
         name = cfg.data.name
-        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        if _global_rank() == 0:
             download([name], root=root, progress=False)
         else:
             wait_for_files(build_dataset(cfg.data), run_splits(cfg))
@@ -340,8 +340,8 @@ def check_monitor(cfg, dataset) -> None:
         logged.append(f"val/{dataset.fast_metric_name}")
     monitor = (cfg.get("checkpoint") or {}).get("monitor", "val/loss")
     if monitor not in logged:
-        raise ConfigError(f"checkpoint.monitor={monitor} is not a metric this run logs ({', '.join(logged)}"
-                          f"{'' if vg and vg.get('enabled') else '; val/' + dataset.fast_metric_name + ' needs val_generation.enabled=true'})")
+        hint = "" if len(logged) > 2 else f"; val/{dataset.fast_metric_name} needs val_generation.enabled=true"
+        raise ConfigError(f"checkpoint.monitor={monitor} is not a metric this run logs ({', '.join(logged)}{hint})")
 
 
 def wait_for_files(dataset, splits, timeout_s: float = 3600.0) -> None:
