@@ -78,14 +78,14 @@ class Geometry:
     @classmethod
     def from_config(cls, config) -> "Geometry":
         """Layers, heads, key/value heads and head sizes per attention site, read from the config of any
-        family; `Backbone` then checks them against the shapes the attention really sees (`check_geometry`)."""
+        family; `Backbone` then checks them against the shapes the attention really sees (`check_observed`)."""
         hidden = _first(config, ("hidden_size", "d_model", "n_embd"), "hidden size")
         max_pos = None
         if config.model_type not in _RELATIVE_FAMILIES and not any(getattr(config, r, None) for r in _RELATIVE):
             max_pos = int(_first(config, ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"),
                                  "number of positions"))
 
-        def site(layers: int, heads: int, prefix: str = "") -> SiteGeometry:
+        def site(layers: int, heads: int) -> SiteGeometry:
             kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None)
             if kv is None and getattr(config, "multi_query", False):
                 kv = 1

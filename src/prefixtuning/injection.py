@@ -403,8 +403,9 @@ class PrefixInjector:
                    for layer, (_, mod) in enumerate(mods) if (site, layer) not in observed]
         if missing:
             site, layer, cls = missing[0]
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise UnsupportedArchitecture(
-                f"{self.model_type}: {cls} ({site} layer {layer}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}) "
+                f"{self.model_type}: {cls} ({site} layer {layer}{more}) "
                 f"computes attention in its own code instead of transformers' attention interface, so a prefix "
                 f"cannot reach it; this family is not supported (docs/architectures.md lists the supported ones)")
         return observed

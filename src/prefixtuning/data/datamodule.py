@@ -59,8 +59,8 @@ def preflight_data(cfg, splits, root: str | Path | None = None):
                         f"data.data_dir or $PREFIXTUNING_DATA at a copy (docs/data.md)"
                         + ("; XSUM's articles come from the hub: data.files.hub=true reads them there"
                            if cfg.name == "xsum" else ""))
-    for split in splits:
-        dataset.pairs(split)  # parses the split now: a malformed file stops the run here
+    for split in splits:  # parsed now: a malformed file stops the run here (training splits as pairs, the
+        dataset.pairs(split) if split in ("train", "dev") else dataset.eval_groups(split)  # others as eval inputs)
     return dataset
 
 
