@@ -169,15 +169,15 @@ def check_train_config(cfg) -> None:
             raise ConfigError(f"config key trainer.{key} is not an argument of lightning.Trainer")
         if key in TRAINER:
             TRAINER[key].check(f"trainer.{key}", value)
-    _check_trains_something(trainer, c.get("optim", {}))
+    _check_trains_something(trainer)
 
 
-def _check_trains_something(trainer: dict, optim: dict) -> None:
-    """A run whose settings allow no optimizer step would end with a metrics.json that looks like a result."""
+def _check_trains_something(trainer: dict) -> None:
+    """A run whose settings allow no optimizer step would end with a metrics.json that looks like a result.
+    (optim.epochs=0 is already below its minimum; trainer.max_epochs=0 can still be set directly.)"""
     nothing = {"trainer.max_steps": trainer.get("max_steps") == 0,
                "trainer.limit_train_batches": trainer.get("limit_train_batches") in (0, 0.0),
-               "trainer.max_epochs": trainer.get("max_epochs") == 0 and trainer.get("max_steps", -1) in (-1, None),
-               "optim.epochs": optim.get("epochs") == 0 and trainer.get("max_steps", -1) in (-1, None)}
+               "trainer.max_epochs": trainer.get("max_epochs") == 0 and trainer.get("max_steps", -1) in (-1, None)}
     for key, zero in nothing.items():
         if zero:
             raise ConfigError(f"{key}=0: this run would train nothing (no optimizer step), yet write a metrics.json "

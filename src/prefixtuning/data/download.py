@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pooch
 
+from ..backbone import hub_offline
 from ..cache import default_cache_dir
 from ..errors import UserError
 
@@ -162,7 +163,7 @@ def _xsum_articles(root: Path, log) -> None:
         return
     hint = (f"train with data.files.hub=true (reads {XSUM_HUB} from the hub), or write {out} yourself (one JSON "
             f"object per line: id, document, summary)")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         log(f"[data] xsum: the articles come from the Hugging Face hub ({XSUM_HUB}), which is switched off here "
             f"(HF_HUB_OFFLINE=1): not fetched. With the hub: {hint}")
         return
