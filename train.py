@@ -42,7 +42,7 @@ if __name__ == "__main__":
 
     try:  # a resume restores the run's own overrides before Hydra composes (and writes) anything
         sys.argv = resume_argv(sys.argv)
-    except ResumeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+    except ResumeError as err:  # the same one line and exit status as every other user error
+        print(f"error (ResumeError): {err}", file=sys.stderr)
+        raise SystemExit(1)
     main()

@@ -154,48 +154,47 @@ def test_last_checkpoint_follows_training_when_the_metric_stops_improving(tmp_pa
 
 # ---------------------------------------------------------------- 3. a failed write damages nothing
 
-def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
-    from fsspec.implementations.local import LocalFileOpener
-
+def _fail_on_checkpoint_write(n: int, exc: BaseException):
+    """atomic.FAULT_HOOK: the n-th checkpoint write dies with half of the file written to its temporary name."""
     calls = {"n": 0}
-    real_write = LocalFileOpener.write
 
-    def dying_write(self, data):
-        calls["n"] += 1
-        if calls["n"] > 2:  # the first epoch's two files are written; the next write dies half-way
-            real_write(self, data[: len(data) // 2])
-            raise KeyboardInterrupt("killed during the checkpoint write")
-        return real_write(self, data)
+    def hook(path, tmp):
+        if path.suffix == ".ckpt":
+            calls["n"] += 1
+            if calls["n"] == n:
+                tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
+                raise exc
+    return hook
 
-    monkeypatch.setattr(LocalFileOpener, "write", dying_write)
+
+def test_interrupted_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    from prefixtuning import atomic
+
+    # the first epoch's two files are written; the next write dies half-way
+    monkeypatch.setattr(atomic, "FAULT_HOOK", _fail_on_checkpoint_write(3, KeyboardInterrupt("killed")))
     with pytest.raises((KeyboardInterrupt, SystemExit)):  # Lightning turns the interrupt into exit status 1
         train(compose_cfg(SMALL + ["optim.epochs=2"], tmp_path))
     monkeypatch.undo()
     for c in (tmp_path / "checkpoints").glob("*.ckpt"):
         assert torch.load(c, weights_only=True)["global_step"] == 3  # whole, from epoch 0
-    assert not [p for p in (tmp_path / "checkpoints").iterdir() if not p.name.endswith(".ckpt")]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "last.ckpt"
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if not p.name.endswith(".ckpt")]  # no temp left
 
 
 def test_full_disk_is_reported_with_the_file_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
-    from fsspec.implementations.local import LocalFileOpener
+    from prefixtuning import atomic
 
-    calls = {"n": 0}
-    real_write = LocalFileOpener.write
-
-    def full_disk(self, data):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(self, data)
-
-    monkeypatch.setattr(LocalFileOpener, "write", full_disk)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(atomic, "FAULT_HOOK", _fail_on_checkpoint_write(3, full))
     with pytest.raises(RunFolderError) as err:
         train(compose_cfg(SMALL + ["optim.epochs=2"], tmp_path))
     monkeypatch.undo()
-    assert "No space left on device" in str(err.value) and "untouched" in str(err.value)
-    assert str(tmp_path / "checkpoints") in str(err.value)
+    msg = str(err.value)
+    assert "No space left on device" in msg and "untouched" in msg and " MiB free in " in msg
+    assert str(tmp_path / "checkpoints") in msg
     for c in (tmp_path / "checkpoints").glob("*.ckpt"):
         assert torch.load(c, weights_only=True)["global_step"] == 3
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if not p.name.endswith(".ckpt")]
 
 
 def test_run_folder_that_cannot_be_written_fails_before_any_work(tmp_path):

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from . import atomic
 from .errors import MissingFile, UserError
 
 
@@ -94,8 +95,10 @@ def write_export(out_dir: str | Path, fmt: Format, tensors: dict[str, torch.Tens
     """Write tensors (detached, contiguous, on the CPU) and metadata; returns the weights file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(out / fmt.weights))
-    (out / fmt.meta).write_text(json.dumps({"format": fmt.tag, **meta}, indent=2, default=str), encoding="utf-8")
+    # the weights first, then the metadata that makes the folder an export: a kill in between leaves no
+    # export that reads as complete with old weights
+    atomic.write_bytes(out / fmt.weights, save({k: t.detach().contiguous().cpu() for k, t in tensors.items()}))
+    atomic.write_json(out / fmt.meta, {"format": fmt.tag, **meta})
     return out / fmt.weights
 
 

@@ -4,19 +4,21 @@ the file and the cause. Reading them back is `loading.py`'s job."""
 from __future__ import annotations
 
 import atexit
+import io
 import json
 import os
 import socket
 import time
 from pathlib import Path
 
+import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .errors import UserError
+from . import atomic
+from .atomic import WriteError
 
-
-class RunFolderError(UserError, OSError):
-    """The run folder cannot be written (read-only, full disk, not a folder); names the path and the cause."""
+# The run folder cannot be written (read-only, full disk, not a folder): one sentence with the path and the cause.
+RunFolderError = WriteError
 
 
 class RunLock:
@@ -88,16 +90,19 @@ def check_writable(folder: Path) -> None:
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's writer (a temporary file moved into place, so an interrupted write never leaves half a
-    checkpoint under the final name), with a failed write reported as what it is: the file, the cause
-    (full disk, read-only folder) and that the checkpoints already written are untouched."""
+    """Checkpoints written crash-safely (`atomic.py`): serialized in memory, written to a temporary file in the
+    checkpoint's own folder, fsynced and renamed, so a kill or a full disk never leaves half a checkpoint under
+    the final name and never destroys the previous one. (Lightning's own writer stages the file under /tmp and
+    moves it, which across filesystems is a copy into the final name.) A failed write names the file, the cause,
+    the free space and the checkpoints that are untouched. Remote paths (s3://, ...) keep Lightning's writer."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        try:
-            super().save_checkpoint(checkpoint, path, storage_options)
-        except OSError as err:
-            folder = Path(path).parent
-            kept = sorted(p.name for p in folder.glob("*.ckpt") if p != Path(path)) if folder.is_dir() else []
-            raise RunFolderError(f"could not write checkpoint {path}: {err.strerror or err} (errno {err.errno}); "
-                                 f"the checkpoints already written are untouched"
-                                 f"{': ' + ', '.join(kept) if kept else ''}") from err
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        folder = path.parent
+        kept = sorted(p.name for p in folder.glob("*.ckpt") if p != path) if folder.is_dir() else []
+        atomic.write_bytes(path, buf.getvalue(), kept="the checkpoints already written are untouched"
+                           + (": " + ", ".join(kept) if kept else ""))

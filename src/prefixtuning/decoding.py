@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .faults import fire_if
 from .model import PrefixTuningModel
 
 
@@ -70,8 +71,9 @@ def place_rows(store: dict, batch: dict, idx: list[int], n: int) -> None:
 
 @torch.no_grad()
 def decode(model: PrefixTuningModel, prompts: Sequence[list[int]], cfg, batch_size: int = 16,
-           progress: bool = True, desc: str = "decoding") -> list[str]:
-    """Token-id prompts (from Featurizer.prompt_ids) -> decoded strings, one per prompt, in order."""
+           progress: bool = True, desc: str = "decoding", fault_point: str | None = None) -> list[str]:
+    """Token-id prompts (from Featurizer.prompt_ids) -> decoded strings, one per prompt, in order.
+    `fault_point` names this decode for fault injection (faults.py) after each batch."""
     tok = model.backbone.tokenizer
     kw = generate_kwargs(cfg, tok)
     if prompts:
@@ -94,6 +96,8 @@ def decode(model: PrefixTuningModel, prompts: Sequence[list[int]], cfg, batch_si
         if gated:  # put each example's gates back at its input position
             place_rows(gates, model.prefix.last_token_gates, idx, len(prompts))
         bar.update(len(idx))
+        if fault_point:
+            fire_if(fault_point)
     bar.close()
     if gated:  # the gates left on the model are those of every input, in the caller's order
         model.prefix.last_token_gates = gates

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from . import atomic
 from .config_check import check_eval_config
 from .data.datamodule import PrefixDataModule
 from .data.features import IGNORE
@@ -64,13 +65,13 @@ def evaluate_model(model, dm: PrefixDataModule, split: str, decoding_cfg, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = select_inputs(dm.eval_groups(split), max_inputs, stride)
     prompts = [dm.featurizer.prompt_ids(g.source) for g in groups]
-    hyps = decode(model, prompts, decoding_cfg, batch_size=batch_size, progress=progress, desc=f"decoding {split}")
+    hyps = decode(model, prompts, decoding_cfg, batch_size=batch_size, progress=progress, desc=f"decoding {split}",
+                  fault_point="test_decode")
     hyps = [" ".join(h.split("\n")) for h in hyps]  # one output per line, whatever the decoder produced
-    (out_dir / f"predictions_{split}.txt").write_text("\n".join(hyps) + "\n", encoding="utf-8")
-    with open(out_dir / f"predictions_{split}.jsonl", "w", encoding="utf-8") as fh:  # for a person to read
-        for i, (g, h) in enumerate(zip(groups, hyps)):
-            fh.write(json.dumps({"index": i, "input": g.source, "prediction": h, "references": list(g.references)},
-                                ensure_ascii=False) + "\n")
+    atomic.write_text(out_dir / f"predictions_{split}.txt", "\n".join(hyps) + "\n")
+    atomic.write_lines(out_dir / f"predictions_{split}.jsonl",  # for a person to read
+                       (json.dumps({"index": i, "input": g.source, "prediction": h, "references": list(g.references)},
+                                   ensure_ascii=False) for i, (g, h) in enumerate(zip(groups, hyps))))
     print_examples(groups, hyps, show_examples, split)
     dm.dataset.write_references(groups, out_dir / f"references_{split}.txt")
     result = dm.dataset.score(groups, hyps)
@@ -122,6 +123,6 @@ def evaluate(cfg) -> dict:
                                   progress=cfg.get("progress", True), max_inputs=cfg.get("max_inputs"),
                                   show_examples=cfg.get("show_examples", 3), stride=cfg.get("stride")))
     metrics.update({f"reference_{k}": v for k, v in reference_loss(model, loader).items()})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic.write_json(out / "metrics.json", metrics)
     print(f"[eval] {out}\n" + format_table(metrics), flush=True)
     return metrics

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import atomic
 from .data.datamodule import PrefixDataModule
 from .decoding import pad_prompts, place_rows
 from .evaluation import select_inputs
@@ -56,7 +57,7 @@ def write_gate_report(gates, prefix, out_dir: Path, split: str, per_example: boo
     out_dir.mkdir(parents=True, exist_ok=True)
     sites = sorted({s for s, _ in gates}, key=["encoder", "decoder", "cross"].index)
     paths = {"csv": out_dir / f"gates_{split}.csv", "png": out_dir / f"gates_{split}.png"}
-    with open(paths["csv"], "w", newline="") as fh:
+    with atomic.atomic_path(paths["csv"]) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["site", "layer", "token", "mean_gate", "std_gate", "layer_scale", "n"])
         for s in sites:
@@ -80,11 +81,12 @@ def write_gate_report(gates, prefix, out_dir: Path, split: str, per_example: boo
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
-    fig.savefig(paths["png"], dpi=120)
+    with atomic.atomic_path(paths["png"]) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     if per_example:
         paths["jsonl"] = out_dir / f"gates_{split}_examples.jsonl"
         n = next(iter(gates.values())).shape[0]
-        with open(paths["jsonl"], "w") as fh:
+        with atomic.atomic_path(paths["jsonl"]) as tmp, open(tmp, "w") as fh:
             for i in range(n):
                 row = {f"{s}.{layer}": [round(x, 6) for x in gates[(s, layer)][i].tolist()] for s, layer in gates}
                 fh.write(json.dumps({"index": i, "gates": row}) + "\n")

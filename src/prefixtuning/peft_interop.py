@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from . import atomic
 from .artifacts import ExportError
 from .prefixes import Prefix
 from .prefixes.static import StaticPrefix
@@ -50,13 +51,13 @@ def export_peft(prefix: Prefix, backbone, out_dir: str | Path, shift_positions: 
     emb = torch.stack([k[:, 0], v[:, 0]], dim=1).permute(3, 0, 1, 2, 4).reshape(P, L * 2 * H * hd)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"prompt_embeddings": emb.detach().float().contiguous().cpu()}, str(out / WEIGHTS))
+    atomic.write_bytes(out / WEIGHTS, save({"prompt_embeddings": emb.detach().float().contiguous().cpu()}))
     config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": P,
               "token_dim": H * hd, "num_attention_heads": H, "num_layers": L,
               "encoder_hidden_size": backbone.geometry.hidden_size, "prefix_projection": False,
               "num_transformer_submodules": 1, "inference_mode": True,
               "base_model_name_or_path": str(backbone.model.name_or_path), "revision": None}
-    (out / CONFIG).write_text(json.dumps(config, indent=2))
+    atomic.write_json(out / CONFIG, config)
     return out / WEIGHTS
 
 

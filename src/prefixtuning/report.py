@@ -31,6 +31,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from . import atomic
+
 REPLICATES = ("seed", "lowres.sample")
 # the task metric a figure plots, in order of preference
 MAIN_METRICS = ("test/BLEU", "test/all/BLEU", "test/ROUGE-L", "test/ROUGE-2", "val/BLEU", "val/loss")
@@ -202,7 +204,8 @@ def figures(rows: list[dict], keys: list[str], jobs: list[Job], out: Path, metri
         if line_key:
             ax.legend(title=line_key)
         fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=120)
+        with atomic.atomic_path(out / f"{name}.png") as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         made[name] = data
     if metric is not None and "init" in by:
         data = series(rows, "init", None, metric)
@@ -214,12 +217,13 @@ def figures(rows: list[dict], keys: list[str], jobs: list[Job], out: Path, metri
         ax.set_ylabel(metric)
         ax.set_xlabel("initialization")
         fig.tight_layout()
-        fig.savefig(out / "init.png", dpi=120)
+        with atomic.atomic_path(out / "init.png") as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         made["init"] = data
     for j in jobs:  # APT runs write their gate heatmap after the test split; collected here per job
         png = j.folder / "gates_test.png"
         if png.is_file():
-            (out / f"gates_{j.folder.name}.png").write_bytes(png.read_bytes())
+            atomic.write_bytes(out / f"gates_{j.folder.name}.png", png.read_bytes())
             made.setdefault("gates", {})[str(j.folder)] = str(out / f"gates_{j.folder.name}.png")
     return made
 
@@ -231,7 +235,7 @@ def report(paths: list[Path], out: Path | None = None, metric: str | None = None
     out = out or paths[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
     metric_names = sorted({m for j in jobs for m in j.metrics})
-    with open(out / "jobs.csv", "w", newline="") as fh:
+    with atomic.atomic_path(out / "jobs.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["folder", "status", *keys, *metric_names])
         for j in jobs:
@@ -239,12 +243,12 @@ def report(paths: list[Path], out: Path | None = None, metric: str | None = None
                         *(j.metrics.get(m, "") for m in metric_names)])
     by = [k for k in keys if k not in REPLICATES]
     stats = sorted({k for r in rows for k, v in r.items() if isinstance(v, tuple)})
-    with open(out / "summary.csv", "w", newline="") as fh:
+    with atomic.atomic_path(out / "summary.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow([*by, "n", *(f"{m} {s}" for m in stats for s in ("mean", "std"))])
         for r in rows:
             w.writerow([*(r[k] for k in by), r["n"], *(x for m in stats for x in (r[m][:2] if m in r else ("", "")))])
-    (out / "summary.md").write_text(markdown(rows, keys, jobs))
+    atomic.write_text(out / "summary.md", markdown(rows, keys, jobs))
     made = figures(rows, keys, jobs, out, metric)
     return {"out": out, "jobs": jobs, "swept": keys, "rows": rows, "figures": made}
 

@@ -1,6 +1,17 @@
 """Resuming a run: either exactly the run that was interrupted, or refused before anything is touched.
 
-    python train.py hydra.run.dir=<run folder> ckpt_path=last
+    python train.py hydra.run.dir=<run folder> ckpt_path=last   # continue this run, whatever stopped it
+    python train.py ... hydra.run.dir=<run folder> ckpt_path=auto  # a job script: start, or continue
+
+A run folder is in one of four states (`folder_state`): new (nothing of a run), started (stopped before its
+first checkpoint), interrupted (checkpoints, no metrics.json) or finished (metrics.json). `plan_run` decides
+what a command does with it, before anything is written:
+- no ckpt_path: a new run; a started one is begun again (its files set aside in `attempt<k>/`); a folder
+  holding checkpoints or a finished run is refused (it would be overwritten);
+- ckpt_path=last: a started run begins again, an interrupted one continues from checkpoints/last.ckpt, a
+  finished one is left as it is and its metrics returned (unless resume_allow_changes=true continues it
+  with new settings); `auto` does the same and also starts a new run;
+- `sweep_resume=true` on a multirun means `ckpt_path=auto` for every job.
 
 - The run's own settings are restored: `resume_argv` puts the original command's overrides (the run's
   `.hydra/overrides.yaml`) back in front of the new ones, and tells Hydra not to rewrite `.hydra/`.
@@ -23,6 +34,10 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import OmegaConf
 
 from .errors import UserError
+
+INTERRUPTED = "interrupted.json"  # written when a signal stopped the run; removed when it finishes
+PARTIAL = ".metrics.partial.json"  # the metrics known before and after fit, for a resume that finishes the run
+HISTORY = "history.jsonl"  # one line per command that trained in this folder (the report marks re-runs)
 
 # keys that may differ between the interrupted command and the resuming one
 IGNORED = ("ckpt_path", "resume_allow_changes", "sweep_resume", "paths", "hydra")
@@ -62,13 +77,88 @@ def read_resume_checkpoint(ck: str, output_dir: Path) -> tuple[Path, dict]:
                           f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); {offer}") from None
 
 
-def checkpoint_to_resume(cfg, output_dir: Path) -> Path | None:
-    """The checkpoint `cfg.ckpt_path` names (`last` = this run folder's last.ckpt), checked to exist, to load
-    safely and to belong to a run with the same settings. None when not resuming."""
+def folder_state(run: Path) -> str:
+    """'new', 'started' (stopped before its first checkpoint), 'interrupted' or 'finished'."""
+    run = Path(run)
+    ck = run / "checkpoints"
+    if (run / "metrics.json").is_file() and not (run / INTERRUPTED).exists():
+        return "finished"
+    if ck.is_dir() and any(ck.glob("*.ckpt")):
+        return "interrupted"
+    if any((run / f).exists() for f in ("config.yaml", "metrics.jsonl", INTERRUPTED, PARTIAL)):
+        return "started"
+    return "new"
+
+
+def _none(ck) -> bool:
+    return ck in (None, "", "null")
+
+
+def plan_run(cfg, output_dir: Path) -> tuple[str, Path | None]:
+    """(mode, checkpoint) for this command in `output_dir`, decided before anything is written: mode is
+    'new', 'restart' (a run stopped before its first checkpoint, begun again), 'resume' or 'finished'."""
+    run = Path(output_dir)
     ck = cfg.get("ckpt_path")
-    if ck in (None, "", "null"):
+    if cfg.get("sweep_resume") and _none(ck):
+        ck = "auto"
+    state = folder_state(run)
+    if _none(ck):
+        if state in ("interrupted", "finished"):
+            what = ("a finished run (metrics.json)" if state == "finished" else
+                    "an unfinished run with checkpoints")
+            raise ResumeError(f"the run folder {run} holds {what}; a new run there would overwrite it. Continue it "
+                              f"with `python train.py hydra.run.dir={run} ckpt_path=last`, or choose another "
+                              f"hydra.run.dir")
+        return ("restart" if state == "started" else "new"), None
+    ck = str(ck)
+    if ck == "auto" and state == "new":
+        return "new", None
+    if ck in ("last", "auto") and state == "started":
+        return "restart", None
+    if ck == "auto":
+        ck = "last"
+    if state == "finished" and ck == "last" and not (run / "checkpoints" / "last.ckpt").is_file():
+        _check_finished_config(cfg, run)  # its checkpoints were deleted: the settings are compared with config.yaml
+        return "finished", None
+    path, changed = checkpoint_to_resume(cfg, run, ck)
+    if state == "finished" and ck == "last" and not changed:
+        return "finished", path
+    return "resume", path
+
+
+def _check_finished_config(cfg, run: Path) -> None:
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        return
+    diffs = config_diff(OmegaConf.to_container(OmegaConf.load(saved), resolve=True),
+                        OmegaConf.to_container(cfg, resolve=True))
+    if diffs:
+        k, a, b = diffs[0]
+        raise ResumeError(f"{run} holds a finished run with other settings ({k}: {a!r} there, {b!r} now) and no "
+                          f"checkpoint to continue from; choose another hydra.run.dir (or hydra.sweep.dir)")
+
+
+def set_aside(run: Path) -> Path | None:
+    """A run stopped before its first checkpoint is begun again: the files of that attempt (logs, partial
+    outputs) move to `attempt<k>/`, so nothing is lost and the new attempt's logs start clean. Hydra's
+    `.hydra/`, the run's log file and history.jsonl stay."""
+    keep = {".hydra", HISTORY, ".run.lock"}
+    items = [p for p in run.iterdir() if p.name not in keep and not p.name.startswith("attempt")
+             and p.suffix != ".log"] if run.is_dir() else []
+    if not items:
         return None
-    path, ckpt = read_resume_checkpoint(str(ck), Path(output_dir))
+    k = 1 + max([int(p.name[7:]) for p in run.glob("attempt*") if p.name[7:].isdigit()], default=0)
+    dest = run / f"attempt{k}"
+    dest.mkdir()
+    for p in items:
+        p.rename(dest / p.name)
+    return dest
+
+
+def checkpoint_to_resume(cfg, output_dir: Path, ck: str) -> tuple[Path, bool]:
+    """The checkpoint `ck` names (`last` = this run folder's last.ckpt), checked to exist, to load safely and to
+    belong to a run with the same settings; and whether settings changed (resume_allow_changes=true)."""
+    path, ckpt = read_resume_checkpoint(ck, Path(output_dir))
     saved = (ckpt.get("prefixtuning") or {}).get("config")
     if saved is None:
         raise ResumeError(f"{path} was not written by this project's train.py (no stored run config)")
@@ -83,7 +173,7 @@ def checkpoint_to_resume(cfg, output_dir: Path) -> Path | None:
                               f"with the new ones")
         print(f"[resume] WARNING: resume_allow_changes=true: continuing {path} with settings that differ from "
               f"the run's own: {lines}{more}", flush=True)
-    return path
+    return path, bool(diffs)
 
 
 def config_diff(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -105,21 +195,42 @@ def _override_key(o: str) -> str:
 
 
 def resume_argv(argv: list[str]) -> list[str]:
-    """For `train.py ... ckpt_path=...`: the original command's overrides, then the new ones (a new value of
-    the same key replaces the old one, and is then checked by `checkpoint_to_resume`), and no rewrite of
-    the run's `.hydra/`. Other commands are returned unchanged."""
+    """Before Hydra composes (and writes `.hydra/` into the run folder):
+    - `ckpt_path=last|auto|<file>` on a run folder: the original command's overrides (the run's
+      `.hydra/overrides.yaml`), then the new ones (a new value of the same key replaces the old one, and is then
+      checked by `plan_run`), and no rewrite of the run's `.hydra/`;
+    - a new run into a `hydra.run.dir` that holds checkpoints or a finished run, or a multirun into a
+      `hydra.sweep.dir` that holds jobs without `sweep_resume=true`: refused here, so the folder's `.hydra/`
+      is not overwritten by a command that is then refused.
+    Other commands are returned unchanged."""
     args = argv[1:]
     kv = {_override_key(a): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
     ck = kv.get("ckpt_path")
-    if ck in (None, "", "null") or "-m" in args or "--multirun" in args:
+    multirun = "-m" in args or "--multirun" in args
+    if multirun:
+        sweep = kv.get("hydra.sweep.dir")
+        if sweep and str(kv.get("sweep_resume", "false")).lower() != "true" and Path(sweep).is_dir():
+            held = [p.parent for p in Path(sweep).glob("*/config.yaml")]
+            if held:
+                raise ResumeError(f"hydra.sweep.dir={sweep} holds {len(held)} job folder(s) of a sweep already; "
+                                  f"continue that sweep with the same command and sweep_resume=true, or choose "
+                                  f"another hydra.sweep.dir")
         return argv
     run_dir = kv.get("hydra.run.dir")
-    if run_dir is None and ck != "last" and Path(ck).parent.name == "checkpoints":
+    if _none(ck):
+        if run_dir is not None and folder_state(Path(run_dir)) in ("interrupted", "finished"):
+            plan_run({"ckpt_path": None}, Path(run_dir))  # raises, naming what the folder holds
+        return argv
+    if run_dir is None and ck not in ("last", "auto") and Path(ck).parent.name == "checkpoints":
         run_dir = str(Path(ck).parent.parent)
         args = args + [f"hydra.run.dir={run_dir}"]
     if run_dir is None:
-        raise ResumeError("ckpt_path=last needs the run folder: add hydra.run.dir=<logs/train/runs/...>")
-    read_resume_checkpoint(ck, Path(run_dir))  # before Hydra creates anything in the folder
+        raise ResumeError(f"ckpt_path={ck} needs the run folder: add hydra.run.dir=<logs/train/runs/...>")
+    state = folder_state(Path(run_dir))
+    if ck == "auto" and state == "new":
+        return argv  # a new run: Hydra writes its .hydra/ as usual
+    if not (ck in ("last", "auto") and state in ("started", "finished")):
+        read_resume_checkpoint("last" if ck == "auto" else ck, Path(run_dir))  # before Hydra creates anything
     saved_file = Path(run_dir) / ".hydra" / "overrides.yaml"
     saved = [str(o) for o in OmegaConf.load(saved_file)] if saved_file.is_file() else []
     new_keys = {_override_key(a) for a in args if "=" in a}

@@ -11,20 +11,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import socket
+import threading
 import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from . import atomic
 from .artifacts import read_checkpoint
 from .callbacks import GenerationValidation, JsonlMetrics
-from .checkpoint import RunFolderError, RunLock, SafeCheckpointIO, check_writable
+from .checkpoint import RunLock, SafeCheckpointIO, check_writable
 from .config_check import ConfigError, check_train_config
 from .data.base import DataError
 from .data.datamodule import PrefixDataModule, build_dataset, missing_files, preflight_data
@@ -36,7 +41,9 @@ from .gates import probe_gates, write_gate_report
 from .lightning_module import PrefixTuningModule
 from .metrics import java
 from .model import TunedModel
-from .resume import ContinuingCSVLogger, ResumeError, checkpoint_to_resume, config_diff
+from . import faults
+from .resume import (HISTORY, INTERRUPTED, PARTIAL, ContinuingCSVLogger, ResumeError, plan_run,
+                     set_aside)
 from .wandb_run import GateImages, finish_run, run_identity
 
 log = logging.getLogger(__name__)
@@ -114,7 +121,7 @@ def wandb_run_id(output_dir: Path) -> str:
     import uuid
 
     run_id = uuid.uuid4().hex[:8]  # os entropy: draws nothing from the run's random streams
-    path.write_text(run_id + "\n")
+    atomic.write_text(path, run_id + "\n")
     return run_id
 
 
@@ -177,56 +184,63 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
     single_console_logging()
     check_train_config(cfg)  # types, ranges and unread keys, before any model is loaded
     output_dir = Path(cfg.paths.output_dir)
-    if cfg.get("sweep_resume"):
-        finished = finished_job(cfg, output_dir)
-        if finished is not None:
-            return finished
-        if (output_dir / "checkpoints" / "last.ckpt").is_file():
-            with open_dict(cfg):
-                cfg.ckpt_path = "last"
-            print(f"[run] sweep_resume: continuing {output_dir} from its last checkpoint", flush=True)
-    resume_from = checkpoint_to_resume(cfg, output_dir)  # checked before the run folder is written to
+    mode, resume_from = plan_run(cfg, output_dir)  # what this command does with the folder, decided untouched
+    if mode == "finished":
+        return finished_metrics(cfg, output_dir)
     dataset = prepare_data(cfg)  # every file the run reads exists and parses, before any folder or model
     check_writable(output_dir)
     lock = RunLock(output_dir)
     if _global_rank() == 0:  # DDP ranks > 0 share rank 0's folder and lock
         lock.acquire()
     try:
-        return _train(cfg, callbacks, output_dir, resume_from, dataset)
+        if _global_rank() == 0:
+            if mode == "restart":
+                moved = set_aside(output_dir)
+                print(f"[run] {output_dir} was stopped before its first checkpoint: starting it again from the "
+                      f"beginning{f' (the earlier attempt is kept in {moved})' if moved else ''}", flush=True)
+            elif mode == "resume" and cfg.get("sweep_resume"):
+                print(f"[run] sweep_resume: continuing {output_dir} from its last checkpoint", flush=True)
+            record_attempt(output_dir, mode, resume_from)
+        return _train(cfg, list(callbacks) + faults.install(), output_dir, resume_from, dataset)
     finally:
         lock.release()
 
 
-def finished_job(cfg, output_dir: Path) -> dict | None:
-    """sweep_resume=true: a job folder that already holds the finished run of the same settings is skipped and
-    its metrics returned; other settings in that folder are refused (a different sweep in the same folder)."""
-    done, saved_cfg = output_dir / "metrics.json", output_dir / "config.yaml"
-    if not done.is_file() or (output_dir / INTERRUPTED).exists():
-        return None
-    if saved_cfg.is_file():
-        diffs = config_diff(OmegaConf.to_container(OmegaConf.load(saved_cfg), resolve=True),
-                            OmegaConf.to_container(cfg, resolve=True))
-        if diffs:
-            k, a, b = diffs[0]
-            raise ResumeError(f"sweep_resume: {output_dir} holds a finished run with other settings ({k}: {a!r} "
-                              f"there, {b!r} now); resume a sweep with its own command and hydra.sweep.dir")
-    print(f"[run] sweep_resume: {output_dir} finished already: skipped (metrics.json kept)", flush=True)
+def finished_metrics(cfg, output_dir: Path) -> dict:
+    """A finished run resumed with its own settings (or a finished job of a resumed sweep): nothing is run or
+    written; its metrics.json is returned as it is."""
+    done = output_dir / "metrics.json"
+    why = "sweep_resume: " if cfg.get("sweep_resume") else ""
+    print(f"[run] {why}{output_dir} finished already: skipped (metrics.json kept; resume_allow_changes=true with "
+          f"new settings continues it)", flush=True)
     try:
         return json.loads(done.read_text())
     except ValueError as err:
-        raise ResumeError(f"{done}: unreadable ({err}); remove it to run the job again") from None
+        raise ResumeError(f"{done}: unreadable ({err}); remove it to finish the run again from its last "
+                          f"checkpoint") from None
+
+
+def record_attempt(output_dir: Path, mode: str, resume_from) -> None:
+    """history.jsonl: one line per command that trains in this folder; metrics.json counts them ("attempts")."""
+    hist = output_dir / HISTORY
+    lines = hist.read_text().splitlines() if hist.is_file() else []
+    entry = {"attempt": len(lines) + 1, "mode": mode, "from": str(resume_from) if resume_from else None,
+             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid(), "host": socket.gethostname()}
+    atomic.write_lines(hist, [*lines, json.dumps(entry)])
+
+
+def attempts(output_dir: Path) -> list[dict]:
+    hist = output_dir / HISTORY
+    return [json.loads(line) for line in hist.read_text().splitlines()] if hist.is_file() else []
 
 
 def _global_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
-INTERRUPTED = "interrupted.json"
-
-
 def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from, dataset) -> dict:
     if resume_from is None or not (output_dir / "config.yaml").exists():
-        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # a resume keeps the run's own
+        atomic.write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # a resume keeps its own
     L.seed_everything(cfg.seed, workers=True)
 
     backbone = load_backbone(cfg)
@@ -244,44 +258,48 @@ def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from, dataset) -
 
     module = PrefixTuningModule(model, OmegaConf.to_container(cfg.optim, resolve=True),
                                 run_config=OmegaConf.to_container(cfg, resolve=True))
-    callbacks = list(callbacks)
+    signals = StopOnSignal()
+    callbacks = [*callbacks, signals, MidEpochCheckpoint(output_dir / "checkpoints" / "last.ckpt", signals)]
     if vg and vg.enabled:
         val_decoding = OmegaConf.merge(cfg.decoding, {"num_beams": vg.num_beams})
         callbacks.append(GenerationValidation(data, val_decoding, vg.split, vg.max_inputs, vg.every_n_epochs,
                                               vg.log_samples))
     callbacks.append(GateImages(data, output_dir, vg.max_inputs if vg else 50))  # APT + W&B only
     trainer = build_trainer(cfg, output_dir, callbacks)
-    metrics: dict = {**report, "init": init_report}
+    rank0 = trainer.global_rank == 0
+    partial = output_dir / PARTIAL
+    # the metrics known before training (kept across a resume: a resumed run ends with the same keys)
+    metrics: dict = json.loads(partial.read_text()) if resume_from is not None and partial.is_file() else {}
+    metrics.update({**report, "init": init_report})
     if cfg.get("validate_before_training") and resume_from is None:
         start = trainer.validate(module, datamodule=data, verbose=False)
         metrics["val/loss_start"] = start[0]["val/loss"]
+    if rank0:
+        _write_json(partial, metrics)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
     except SystemExit as stop:  # SIGTERM (SLURM pre-emption: Lightning's SIGTERMException) or Ctrl-C
-        code = 143 if isinstance(stop, SIGTERMException) else (stop.code if isinstance(stop.code, int) and stop.code
-                                                              else 130)
-        why = "SIGTERM" if code == 143 else "an interrupt (Ctrl-C / SIGINT)"
-        last = output_dir / "checkpoints" / "last.ckpt"
-        if trainer.global_rank == 0:
-            resume = (f"python train.py hydra.run.dir={output_dir} ckpt_path=last" if last.is_file() else
-                      f"no checkpoint was written yet: start the run again in a new folder")
-            _write_json(output_dir / INTERRUPTED, {"status": "interrupted", "by": why, "global_step":
-                        trainer.global_step, "epoch": trainer.current_epoch, "resume": resume})
-            print(f"[run] interrupted by {why} at step {trainer.global_step}: no metrics.json (the run is not "
-                  f"finished); {resume}", flush=True)
-        raise SystemExit(code) from None
-    (output_dir / INTERRUPTED).unlink(missing_ok=True)  # finished now (a resumed run's earlier interruption)
-    for k, v in trainer.callback_metrics.items():
+        raise interrupted(stop, signals, trainer, output_dir, "training") from None
+    for k, v in trainer.callback_metrics.items():  # (empty when the checkpoint had finished training already)
         metrics[k] = float(v)
     ckpt_cb = trainer.checkpoint_callback
-    best = ckpt_cb.best_model_path if ckpt_cb else ""
+    best = (ckpt_cb.best_model_path if ckpt_cb else "") or metrics.get("best_checkpoint") or ""
     metrics["best_checkpoint"] = best or None
     metrics["output_dir"] = str(output_dir)
-    if cfg.get("test_after_training") and trainer.global_rank == 0 and not trainer.interrupted:
-        metrics.update(run_test_split(cfg, module, data, best, output_dir))
-    if trainer.global_rank == 0:
+    if rank0:
+        _write_json(partial, metrics)  # training is done: a kill during the test decode resumes with these
+    if cfg.get("test_after_training") and rank0 and not trainer.interrupted:
+        with signals.during("the test decode"):
+            try:
+                metrics.update(run_test_split(cfg, module, data, best, output_dir))
+            except SystemExit as stop:
+                raise interrupted(stop, signals, trainer, output_dir, "the test decode") from None
+    if rank0:
+        metrics["attempts"] = len(attempts(output_dir)) or 1
         finish_run(trainer, module.model, cfg, metrics, output_dir)  # summary + artifact (W&B only)
         _write_json(output_dir / "metrics.json", metrics)
+        (output_dir / INTERRUPTED).unlink(missing_ok=True)  # finished now (a resumed run's earlier interruption)
+        partial.unlink(missing_ok=True)
         keys = ("val/loss_start", "val/loss", "train/loss", f"val/{data.dataset.fast_metric_name}")
         summary = {k: metrics[k] for k in keys if k in metrics}
         summary.update({k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float)})
@@ -289,20 +307,110 @@ def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from, dataset) -
     return metrics
 
 
+def interrupted(stop: SystemExit, signals: "StopOnSignal", trainer, output_dir: Path, phase: str) -> SystemExit:
+    """A signal stopped the run: write interrupted.json (never metrics.json) and exit 143 (SIGTERM) / 130."""
+    name = signals.received or ("SIGTERM" if isinstance(stop, SIGTERMException) else "SIGINT")
+    code = 143 if name == "SIGTERM" else 130 if name == "SIGINT" else 128 + int(getattr(signal, name, 15))
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if trainer.global_rank == 0:
+        resume = f"python train.py hydra.run.dir={output_dir} ckpt_path=last"
+        where = ("no checkpoint was written yet: it starts the run again from the beginning" if not last.is_file()
+                 else "it continues from the mid-epoch checkpoint written now" if signals.saved_mid_epoch
+                 else "it continues from the last epoch-end checkpoint")
+        _write_json(output_dir / INTERRUPTED, {"status": "interrupted", "by": name, "during": phase,
+                                               "global_step": trainer.global_step, "epoch": trainer.current_epoch,
+                                               "resume": resume, "checkpoint": where})
+        print(f"[run] interrupted by {name} during {phase} at step {trainer.global_step}: no metrics.json (the run "
+              f"is not finished); `{resume}` continues it ({where})", flush=True)
+    return SystemExit(code)
+
+
+class StopOnSignal(L.Callback):
+    """SIGTERM (what SLURM sends before a pre-emption or at the time limit) and a first Ctrl-C stop training at
+    the next batch boundary through Lightning's own SIGTERM handling (SIGTERMException); a second Ctrl-C stops
+    at once. During the test decode (after training) either signal stops at once: the decode is redone on
+    resume. `received` names the signal."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self.saved_mid_epoch = False
+        self._trainer = None
+        self._previous: dict = {}
+
+    def on_fit_start(self, trainer, pl_module):
+        self._trainer = trainer
+        self._install({signal.SIGTERM: self._graceful, signal.SIGINT: self._graceful})
+
+    def on_fit_end(self, trainer, pl_module):
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._restore()
+
+    def _install(self, handlers: dict) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, fn in handlers.items():
+            self._previous.setdefault(sig, signal.getsignal(sig))
+            signal.signal(sig, fn)
+
+    def _restore(self) -> None:
+        for sig, fn in self._previous.items():
+            signal.signal(sig, fn)
+        self._previous = {}
+
+    def _graceful(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received == "SIGINT" and name == "SIGINT":
+            raise KeyboardInterrupt  # a second Ctrl-C: now
+        self.received = self.received or name
+        print(f"[run] {name} received: stopping after this batch (Ctrl-C again stops at once)", flush=True)
+        previous = self._previous.get(signum)
+        if signum == signal.SIGTERM and callable(previous):
+            previous(signum, frame)  # Lightning's own: flags the trainer, passes SIGTERM on to its subprocesses
+        self._trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException at a boundary
+
+    def _immediate(self, signum, frame):
+        self.received = self.received or signal.Signals(signum).name
+        raise SystemExit(128 + signum)
+
+    @contextlib.contextmanager
+    def during(self, phase: str):
+        self._install({signal.SIGTERM: self._immediate, signal.SIGINT: self._immediate})
+        try:
+            yield
+        finally:
+            self._restore()
+
+
+class MidEpochCheckpoint(L.Callback):
+    """When a signal stops training between two batches, the state at that boundary is written to last.ckpt
+    (crash-safely), so `ckpt_path=last` continues from that batch, exactly: the data module records how far
+    into the epoch the run was and the sampler skips those examples (same order, same RNG streams). Not written
+    (the last epoch-end checkpoint stays the one to continue from) during validation, in the middle of a
+    gradient accumulation cycle, after the epoch's last batch (the epoch-end checkpoint follows), or with more
+    than one process."""
+
+    def __init__(self, path: Path, signals: StopOnSignal):
+        self.path, self.signals = Path(path), signals
+
+    def on_exception(self, trainer, pl_module, exception):
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        loop = trainer.fit_loop.epoch_loop
+        done = loop.batch_progress.current
+        n = trainer.num_training_batches
+        if (trainer.world_size > 1 or trainer.validating or trainer.sanity_checking or done.completed != done.processed
+                or not 0 < done.completed < n or done.completed % trainer.accumulate_grad_batches):
+            return
+        trainer.save_checkpoint(str(self.path))
+        self.signals.saved_mid_epoch = True
+        print(f"[run] mid-epoch checkpoint: {self.path} (epoch {trainer.current_epoch}, batch {done.completed} of "
+              f"{n})", flush=True)
+
+
 def _write_json(path: Path, obj) -> None:
-    """Crash-safe: a temporary file in the same folder, fsynced, then renamed over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2, default=str))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise RunFolderError(f"could not write {path}: {err.strerror or err}; the previous {path.name} (if any) is "
-                             f"untouched") from err
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.write_json(path, obj)
 
 
 def run_splits(cfg) -> list[str]:

@@ -16,17 +16,26 @@ from .subsets import filter_by_category, lowres_subsample, write_pairs
 class EpochSeededSampler(Sampler[int]):
     """Random order that depends only on (seed, epoch), so a run resumed at an epoch boundary sees the
     same order as an uninterrupted one. Lightning calls `set_epoch` (and swaps in a DistributedSampler
-    under DDP, which has the same property)."""
+    under DDP, which has the same property).
 
-    def __init__(self, n: int, seed: int):
+    A run resumed from a mid-epoch checkpoint (written when a signal stopped it between two batches) passes
+    `resume=(epoch, k)`: that epoch's order is the same and its first k indices, the examples already trained
+    on, are skipped once. `len` stays the epoch's full length, as Lightning counts the batches already done."""
+
+    def __init__(self, n: int, seed: int, resume: tuple[int, int] | None = None):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.resume = resume
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.resume is not None and self.resume[0] == self.epoch:
+            order = order[self.resume[1]:]
+        self.resume = None
+        return iter(order)
 
     def __len__(self) -> int:
         return self.n
@@ -82,6 +91,30 @@ class PrefixDataModule(L.LightningDataModule):
         self.output_dir = Path(output_dir) if output_dir else None
         self.splits: dict[str, list[dict]] = {}
         self._lowres_pairs: dict | None = None
+        self._resume: tuple[int, int] | None = None  # (epoch, examples done) of a mid-epoch checkpoint
+
+    # ---- mid-epoch resume: the checkpoint records how far into the epoch the run was
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        return {"epoch": trainer.current_epoch, "batch_size": int(self.cfg.batch_size),
+                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.completed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = None
+        done, bs = int(state.get("batches_done", 0)), int(state.get("batch_size", self.cfg.batch_size))
+        n_batches = -(-len(self.features("train")) // bs)
+        if not 0 < done < n_batches:
+            return  # an epoch-end checkpoint: the next epoch starts from its beginning
+        if bs != int(self.cfg.batch_size):
+            raise DataError(f"the checkpoint stopped after {done} batches of {bs} examples, but data.batch_size is "
+                            f"now {self.cfg.batch_size}: resume with the run's own batch size")
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1:
+            raise DataError("a mid-epoch checkpoint cannot be resumed with several processes (each rank's share of "
+                            "the epoch would shift); this project writes mid-epoch checkpoints only for one process")
+        self._resume = (int(state["epoch"]), done * bs)
 
     def _categories(self, split: str):
         if self.split_cfg is None:
@@ -154,7 +187,8 @@ class PrefixDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         data = self.features("train")
-        return DataLoader(data, batch_size=self.cfg.batch_size, sampler=EpochSeededSampler(len(data), self.seed),
+        sampler = EpochSeededSampler(len(data), self.seed, self._resume)
+        return DataLoader(data, batch_size=self.cfg.batch_size, sampler=sampler,
                           collate_fn=self.collate, num_workers=self.cfg.get("num_workers", 0))
 
     def val_dataloader(self):

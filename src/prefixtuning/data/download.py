@@ -33,6 +33,7 @@ import pooch
 
 from ..backbone import hub_offline
 from ..cache import default_cache_dir
+from ..atomic import atomic_path
 from ..errors import UserError
 
 DATA_ENV = "PREFIXTUNING_DATA"
@@ -174,11 +175,9 @@ def _xsum_articles(root: Path, log) -> None:
             f"(pip install datasets): not fetched. Otherwise: {hint}")
         return
     ds = datasets.load_dataset(XSUM_HUB)
-    tmp = out.with_name(f".{out.name}.part{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8") as f:
         for split in ds.values():
             for r in split:
                 f.write(json.dumps({"id": r["id"], "document": r["document"], "summary": r["summary"]},
                                    ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
     log(f"[data] xsum: articles written to {out}")

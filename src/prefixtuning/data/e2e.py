@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_text
 from ..metrics import score_task
 from ..metrics.ngram import mteval_bleu_nist
 from .base import DataError, Example, group_references, read_text, register_dataset
@@ -158,8 +159,7 @@ class E2EData:
     @staticmethod
     def write_references(groups, path) -> None:
         """e2e-metrics plain-text form: one reference per line, inputs separated by a blank line."""
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write("\n\n".join("\n".join(g.references) for g in groups) + "\n")
+        write_text(path, "\n\n".join("\n".join(g.references) for g in groups) + "\n")
 
     @staticmethod
     def score(groups, hyps) -> dict:

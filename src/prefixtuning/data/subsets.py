@@ -14,6 +14,7 @@ import json
 import random
 from pathlib import Path
 
+from ..atomic import write_lines
 from .base import DataError, Example
 
 
@@ -70,7 +71,4 @@ def lowres_subsample(pairs: list[Example], size: int, sample: int, dev_fraction:
 
 
 def write_pairs(pairs: list[Example], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for ex in pairs:
-            fh.write(json.dumps({"source": ex.source, "target": ex.target}, ensure_ascii=False) + "\n")
+    write_lines(path, (json.dumps({"source": ex.source, "target": ex.target}, ensure_ascii=False) for ex in pairs))

@@ -14,6 +14,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from ..atomic import write_text
 from ..metrics import score_task
 from ..metrics.ngram import multi_bleu
 from ..metrics.tasks import webnlg_normalize
@@ -216,7 +217,7 @@ class TripleData:
     def write_references(self, groups, path) -> None:
         path = Path(path)
         for k, lines in enumerate(self.reference_files(groups, n_refs=max(len(g.references) for g in groups))):
-            (path.parent / f"{path.stem}{k}.lex").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            write_text(path.parent / f"{path.stem}{k}.lex", "\n".join(lines) + "\n")
 
     fast_metric_name = "BLEU"
 

@@ -16,6 +16,7 @@ import json
 import re
 from pathlib import Path
 
+from ..atomic import write_text
 from ..metrics import score_task
 from .base import DataError, Example, EvalGroup, read_text, register_dataset
 
@@ -178,8 +179,7 @@ class XSumData:
     # ---- evaluation
     @staticmethod
     def write_references(groups, path) -> None:
-        Path(path).write_text("\n".join(" ".join(g.references[0].split("\n")) for g in groups) + "\n",
-                              encoding="utf-8")
+        write_text(path, "\n".join(" ".join(g.references[0].split("\n")) for g in groups) + "\n")
 
     @staticmethod
     def score(groups, hyps) -> dict:

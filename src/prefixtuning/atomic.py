@@ -1,0 +1,106 @@
+"""Crash-safe writes: every file the project writes under a final name (checkpoints, exports, metrics.json,
+config.yaml, predictions, reports, figures) goes to a temporary file in the same folder, is fsynced, and is
+then renamed over the final name, and the folder itself is fsynced. A kill or a full disk at any moment leaves
+either the previous file or the new one under that name, never a partial file, and a failed write removes its
+temporary file. The temporary file lives in the same folder on purpose: a rename across filesystems is a
+copy, and a copy that dies half-way destroys the previous file (what a temporary file under /tmp did to
+last.ckpt).
+
+A failed write is a `WriteError` (a RunFolderError): one sentence with the file, the cause and, for a full
+disk, the free space left in its folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+
+FAULT_HOOK = None  # set by prefixtuning.faults when a fault is injected (tests): called with the final path
+
+
+class WriteError(UserError, OSError):
+    """A file could not be written (full disk, read-only folder, ...); names it, the cause and the free space."""
+
+
+def _free(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown"
+
+
+def describe_failure(path: Path, err: OSError, kept: str = "") -> str:
+    cause = err.strerror or str(err)
+    where = f"{path}: {cause} (errno {err.errno})"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where += f"; {_free(path.parent)} free in {path.parent}"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        where += f"; {path.parent} is not writable"
+    return f"could not write {where}; {kept or 'the previous version of the file (if any) is untouched'}"
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (a power loss after the rename keeps the new name)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, kept: str = ""):
+    """Yield a temporary path in `path`'s folder; write the file there (any writer: safetensors, savefig,
+    torch.save). On success it is fsynced and renamed over `path`; on any failure it is removed and `path` is
+    untouched. OSError becomes WriteError naming `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        if FAULT_HOOK is not None:
+            FAULT_HOOK(path, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_folder(path.parent)
+    except OSError as err:
+        if isinstance(err, WriteError):
+            raise
+        raise WriteError(describe_failure(path, err, kept)) from err
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def write_bytes(path: str | Path, data: bytes, kept: str = "") -> Path:
+    with atomic_path(path, kept) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str, kept: str = "") -> Path:
+    return write_bytes(path, text.encode("utf-8"), kept)
+
+
+def write_json(path: str | Path, obj, **kwargs) -> Path:
+    kwargs.setdefault("indent", 2)
+    kwargs.setdefault("default", str)
+    return write_text(path, json.dumps(obj, **kwargs))
+
+
+def write_lines(path: str | Path, rows) -> Path:
+    """Rows of text (each without its newline), one per line."""
+    buf = io.StringIO()
+    for row in rows:
+        buf.write(row + "\n")
+    return write_text(path, buf.getvalue())
