@@ -106,3 +106,23 @@ def test_a_sweep_on_a_metric_the_runs_do_not_have_fails_loudly(tmp_path):
                            f"hydra.sweep.dir={tmp_path / 's'}"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode != 0 and "optimized_metric=test/BLUE is not among this run's metrics" in proc.stderr
+
+
+def test_the_report_marks_jobs_that_ran_more_than_once(tmp_path):
+    """history.jsonl (one line per command that trained in a job folder) -> jobs.csv's attempts column and a
+    list under the table; `attempts` in metrics.json is not averaged as a metric."""
+    for job, modes in (("0", ["new"]), ("1", ["new", "resume"]), ("2", ["new", "restart", "resume"])):
+        folder = tmp_path / job
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        (folder / "metrics.json").write_text(json.dumps({"test/BLEU": 0.5 + int(job) / 10, "attempts": len(modes)}))
+        (folder / "history.jsonl").write_text("".join(json.dumps({"attempt": i + 1, "mode": m}) + "\n"
+                                                      for i, m in enumerate(modes)))
+    r = report([tmp_path], tmp_path / "rep")
+    md = (tmp_path / "rep" / "summary.md").read_text()
+    assert "Jobs that ran more than once" in md
+    assert f"- {tmp_path / '1'}: 2 attempts (new, resume)" in md
+    assert f"- {tmp_path / '2'}: 3 attempts (new, restart, resume)" in md and f"- {tmp_path / '0'}:" not in md
+    jobs = {j["folder"]: j for j in csv.DictReader(open(tmp_path / "rep" / "jobs.csv"))}
+    assert [jobs[str(tmp_path / k)]["attempts"] for k in "012"] == ["1", "2", "3"]
+    assert abs(r["rows"][0]["test/BLEU"][0] - 0.6) < 1e-12 and "attempts" not in r["rows"][0]

@@ -46,6 +46,18 @@ def describe_failure(path: Path, err: OSError, kept: str = "") -> str:
     return f"could not write {where}; {kept or 'the previous version of the file (if any) is untouched'}"
 
 
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
+
+
+def as_write_error(err: OSError, fallback: Path) -> OSError:
+    """An OSError of the disk (full, read-only, quota, I/O) raised by any writer (a log appended, a library's
+    own file) as a WriteError naming the file; other errors are returned unchanged."""
+    if isinstance(err, UserError) or err.errno not in DISK_ERRNOS:
+        return err
+    return WriteError(describe_failure(Path(err.filename or fallback), err,
+                                       kept="the checkpoints and files written before are untouched"))
+
+
 def fsync_folder(folder: Path) -> None:
     """Make a rename in `folder` durable (a power loss after the rename keeps the new name)."""
     with contextlib.suppress(OSError):
@@ -79,6 +91,33 @@ def atomic_path(path: str | Path, kept: str = ""):
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def is_temporary(path: Path) -> bool:
+    name = Path(path).name
+    stem, _, pid = name.rpartition(".tmp")
+    return name.startswith(".") and bool(stem) and pid.isdigit()
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Temporary files left in `folder` by a process that was killed while writing (`kill -9` cannot clean
+    up): removed when the next command takes the folder (under its lock). Files of a live process are kept."""
+    removed = []
+    for p in Path(folder).glob(".*.tmp*") if Path(folder).is_dir() else []:
+        if not is_temporary(p):
+            continue
+        pid = int(p.name.rpartition(".tmp")[2])
+        try:
+            os.kill(pid, 0)
+            continue  # that process is alive
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def write_bytes(path: str | Path, data: bytes, kept: str = "") -> Path:

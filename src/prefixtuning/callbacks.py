@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from . import atomic
 from .decoding import decode
 
 
@@ -22,9 +25,26 @@ def _scalars(metrics: dict) -> dict:
 
 
 class JsonlMetrics(L.Callback):
+    """metrics.jsonl: one line per logging step and per validation. A resumed run first drops the lines past
+    its checkpoint's step (and the same rows of the CSV log): the part of the run after that checkpoint is run
+    again and logged again, so the logs hold each step once, as an uninterrupted run's do."""
+
     def __init__(self, path: str | Path, every_n_steps: int = 10):
         self.path = Path(path)
         self.every = max(1, int(every_n_steps))
+        self._resumed_at: int | None = None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        self._resumed_at = int(checkpoint["global_step"])
+
+    def on_train_start(self, trainer, pl_module):
+        if self._resumed_at is not None and trainer.global_rank == 0:
+            step, self._resumed_at = self._resumed_at, None
+            trim_jsonl(self.path, step)
+            for lg in trainer.loggers:
+                csv_file = getattr(getattr(lg, "experiment", None), "metrics_file_path", None)
+                if csv_file:
+                    trim_csv(Path(csv_file), step)
 
     def _write(self, trainer, stage: str):
         if trainer.global_rank != 0 or trainer.sanity_checking:
@@ -41,6 +61,44 @@ class JsonlMetrics(L.Callback):
 
     def on_validation_end(self, trainer, pl_module):
         self._write(trainer, "validate")
+
+
+def trim_jsonl(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if _step_of_json(line) <= step]
+    if len(keep) != len(lines):
+        atomic.write_lines(path, keep)
+
+
+def _step_of_json(line: str) -> float:
+    try:
+        return json.loads(line).get("step", -1)
+    except ValueError:
+        return float("inf")  # a line cut by a crash: dropped
+
+
+def trim_csv(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows or "step" not in rows[0]:
+        return
+    col = rows[0].index("step")
+
+    def ok(r):
+        try:
+            return float(r[col]) <= step
+        except (ValueError, IndexError):
+            return False
+
+    keep = [rows[0]] + [r for r in rows[1:] if ok(r)]
+    if len(keep) != len(rows):
+        buf = io.StringIO()
+        csv.writer(buf).writerows(keep)  # the csv module's line ends, as Lightning's writer
+        atomic.write_text(path, buf.getvalue())
 
 
 class GenerationValidation(L.Callback):

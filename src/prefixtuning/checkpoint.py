@@ -74,7 +74,10 @@ class RunLock:
     def release(self) -> None:
         if self.held:
             self.held = False
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:  # a folder that became read-only: the lock is stale now and taken over next time
+                pass
 
 
 def check_writable(folder: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -24,7 +25,13 @@ def exit_on_user_error(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UserError as err:
+        except (UserError, OSError) as err:
+            if not isinstance(err, UserError):  # a full disk / read-only folder hit by any writer: one sentence
+                from .atomic import as_write_error
+
+                err = as_write_error(err, fallback=Path.cwd())
+                if not isinstance(err, UserError):
+                    raise
             line = f"error ({type(err).__name__}): {err}"
             # stderr only: a refused command (a changed resume, say) must leave the run folder byte-identical
             print(line, file=sys.stderr, flush=True)

@@ -139,11 +139,26 @@ class PrefixTuningModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         check_checkpoint(checkpoint, self)
         rng = checkpoint.get("rng_states")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            random.setstate(_as_tuple(rng["python"]))
-            if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+        progress = (checkpoint.get("loops") or {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        if rng and progress.get("current", {}).get("completed", 0) > 0 and not progress.get("is_last_batch", True):
+            # a mid-epoch checkpoint: the uninterrupted run went on from this state to the next batch, but a
+            # resumed one first creates the epoch's data iterator, which draws a seed from the same generator;
+            # the state is put back right before that next batch instead
+            self._pending_rng = rng
+        elif rng:
+            _set_rng(rng)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if getattr(self, "_pending_rng", None) is not None:
+            _set_rng(self._pending_rng)
+            self._pending_rng = None
+
+
+def _set_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(_as_tuple(rng["python"]))
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _as_tuple(x):

@@ -44,6 +44,24 @@ class Job:
     overrides: dict[str, str]
     metrics: dict[str, float] = field(default_factory=dict)
     status: str = "ok"
+    history: list[dict] = field(default_factory=list)  # history.jsonl: one entry per command that trained here
+
+    @property
+    def reruns(self) -> str:
+        """'' for a job that ran once; else how it continued, e.g. 'resume' or 'restart, resume'."""
+        return ", ".join(h.get("mode", "?") for h in self.history[1:])
+
+
+def _history(folder: Path) -> list[dict]:
+    f = folder / "history.jsonl"
+    out = []
+    if f.is_file():
+        for line in f.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"mode": "unreadable entry"})
+    return out
 
 
 def _overrides(folder: Path) -> dict[str, str]:
@@ -70,15 +88,15 @@ def find_jobs(paths: list[Path]) -> list[Job]:
             folders += found
     jobs = []
     for f in folders:
-        job = Job(f, _overrides(f))
+        job = Job(f, _overrides(f), history=_history(f))
         m = f / "metrics.json"
         if not m.is_file():
             job.status = "no metrics.json (failed, killed or unfinished)"
         else:
             try:
                 data = json.loads(m.read_text())
-                job.metrics = {k: float(v) for k, v in data.items()
-                               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+                job.metrics = {k: float(v) for k, v in data.items() if k != "attempts"
+                               and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
             except (json.JSONDecodeError, ValueError) as err:
                 job.status = f"unreadable metrics.json ({err})"
         jobs.append(job)
@@ -152,6 +170,11 @@ def markdown(rows: list[dict], keys: list[str], jobs: list[Job]) -> str:
     reps = [k for k in keys if k in REPLICATES]
     note = (f"\nMean ± std (population) over {', '.join(reps)}; n = jobs per cell." if reps else
             "\nOne job per cell.")
+    again = [j for j in jobs if j.reruns]
+    if again:
+        note += ("\n\nJobs that ran more than once (stopped, then continued from their checkpoint or begun again; "
+                 "a continued run equals an uninterrupted one, tests/test_faults.py):\n" + "\n".join(
+                     f"- {j.folder}: {len(j.history)} attempts (new, {j.reruns})" for j in again))
     missing = [j for j in jobs if j.status != "ok"]
     if missing:
         note += "\n\nJobs without results (not in the table):\n" + "\n".join(
@@ -237,9 +260,9 @@ def report(paths: list[Path], out: Path | None = None, metric: str | None = None
     metric_names = sorted({m for j in jobs for m in j.metrics})
     with atomic.atomic_path(out / "jobs.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["folder", "status", *keys, *metric_names])
+        w.writerow(["folder", "status", "attempts", *keys, *metric_names])
         for j in jobs:
-            w.writerow([j.folder, j.status, *(j.overrides.get(k, "") for k in keys),
+            w.writerow([j.folder, j.status, len(j.history) or "", *(j.overrides.get(k, "") for k in keys),
                         *(j.metrics.get(m, "") for m in metric_names)])
     by = [k for k in keys if k not in REPLICATES]
     stats = sorted({k for r in rows for k, v in r.items() if isinstance(v, tuple)})

@@ -194,6 +194,9 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
         lock.acquire()
     try:
         if _global_rank() == 0:
+            for folder in (output_dir, output_dir / "checkpoints"):  # left by a process killed mid-write
+                for p in atomic.remove_stale_temporaries(folder):
+                    print(f"[run] removed {p}, a partial file of a process killed while writing it", flush=True)
             if mode == "restart":
                 moved = set_aside(output_dir)
                 print(f"[run] {output_dir} was stopped before its first checkpoint: starting it again from the "
@@ -202,6 +205,11 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
                 print(f"[run] sweep_resume: continuing {output_dir} from its last checkpoint", flush=True)
             record_attempt(output_dir, mode, resume_from)
         return _train(cfg, list(callbacks) + faults.install(), output_dir, resume_from, dataset)
+    except OSError as err:  # a full disk or read-only folder hit by any writer: one sentence with the file
+        converted = atomic.as_write_error(err, output_dir)
+        if converted is err:
+            raise
+        raise converted from err
     finally:
         lock.release()
 
@@ -277,7 +285,8 @@ def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from, dataset) -
     if rank0:
         _write_json(partial, metrics)
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None,
+                    weights_only=True)  # never unpickles code
     except SystemExit as stop:  # SIGTERM (SLURM pre-emption: Lightning's SIGTERMException) or Ctrl-C
         raise interrupted(stop, signals, trainer, output_dir, "training") from None
     for k, v in trainer.callback_metrics.items():  # (empty when the checkpoint had finished training already)
@@ -403,7 +412,7 @@ class MidEpochCheckpoint(L.Callback):
         if (trainer.world_size > 1 or trainer.validating or trainer.sanity_checking or done.completed != done.processed
                 or not 0 < done.completed < n or done.completed % trainer.accumulate_grad_batches):
             return
-        trainer.save_checkpoint(str(self.path))
+        trainer.save_checkpoint(str(self.path), weights_only=False)  # the full state: optimizer, loops, RNG
         self.signals.saved_mid_epoch = True
         print(f"[run] mid-epoch checkpoint: {self.path} (epoch {trainer.current_epoch}, batch {done.completed} of "
               f"{n})", flush=True)
