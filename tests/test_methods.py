@@ -258,13 +258,13 @@ def test_every_method_trains_resumes_exactly_evaluates_and_exports(tmp_path, met
     from prefixtuning.evaluation import evaluate
     from prefixtuning.export import export_checkpoint
 
-    from test_training import StopAfterFirstEpoch
+    from test_training import interrupted_run
 
     common = SMALL + [f"method={method}", f"backbone=tiny-{family}", "optim.epochs=2"]
     if family in ("bart", "t5"):
         common += ["data=e2e_sample", "optim.lr=1.0e-2", "data.batch_size=16"]
     full = train(compose_cfg(common, tmp_path / "full"))
-    train(compose_cfg(common, tmp_path / "part"), callbacks=[StopAfterFirstEpoch()])
+    interrupted_run(compose_cfg(common, tmp_path / "part"))
     resumed = train(compose_cfg(common + ["ckpt_path=last"], tmp_path / "part"))
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)

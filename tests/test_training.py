@@ -1,6 +1,7 @@
 """train(cfg) on the real composed config, shrunk: what changes in a step, checkpoints, resume."""
 
 import json
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -66,17 +67,30 @@ def test_loss_is_on_target_tokens_only(tmp_path):
 
 
 class StopAfterFirstEpoch(L.Callback):
-    """Interrupts a 2-epoch run after its first epoch, as a pre-empted job would be."""
+    """Interrupts a 2-epoch run after its first epoch, as a pre-empted job would be: the SIGTERM flag that
+    Lightning's signal handler sets, so the run stops through the same path (exit status 143, no metrics.json).
+    (A callback that sets `trainer.should_stop`, like early stopping, ends the run: it is finished.)"""
 
     def on_train_epoch_end(self, trainer, pl_module):
-        trainer.should_stop = True
+        trainer._signal_connector.received_sigterm = True
+
+
+def interrupted_run(cfg) -> dict:
+    """train() stopped after its first epoch; the last validation's metrics from metrics.jsonl."""
+    with pytest.raises(SystemExit) as stop:
+        train(cfg, callbacks=[StopAfterFirstEpoch()])
+    assert stop.value.code == 143
+    out = Path(cfg.paths.output_dir)
+    assert not (out / "metrics.json").exists() and (out / "interrupted.json").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["stage"] == "validate"][-1]
 
 
 @pytest.mark.fast
 def test_checkpoint_holds_only_prefix_and_resume_is_exact(tmp_path):
     common = SMALL + ["optim.epochs=2", "validate_before_training=false"]
     full = train(compose_cfg(common, tmp_path / "full"))
-    first = train(compose_cfg(common, tmp_path / "part"), callbacks=[StopAfterFirstEpoch()])
+    first = interrupted_run(compose_cfg(common, tmp_path / "part"))
     # resume in the same run folder with ckpt_path=last (Lightning finds checkpoints/last.ckpt)
     resumed = train(compose_cfg(common + ["ckpt_path=last"], tmp_path / "part"))
 

@@ -13,49 +13,14 @@ disk, the free space left in its folder.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 
-from .errors import UserError
+from .errors import WriteError, describe_failure
 
 FAULT_HOOK = None  # set by prefixtuning.faults when a fault is injected (tests): called with the final path
-
-
-class WriteError(UserError, OSError):
-    """A file could not be written (full disk, read-only folder, ...); names it, the cause and the free space."""
-
-
-def _free(folder: Path) -> str:
-    try:
-        return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB"
-    except OSError:
-        return "unknown"
-
-
-def describe_failure(path: Path, err: OSError, kept: str = "") -> str:
-    cause = err.strerror or str(err)
-    where = f"{path}: {cause} (errno {err.errno})"
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        where += f"; {_free(path.parent)} free in {path.parent}"
-    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        where += f"; {path.parent} is not writable"
-    return f"could not write {where}; {kept or 'the previous version of the file (if any) is untouched'}"
-
-
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
-
-
-def as_write_error(err: OSError, fallback: Path) -> OSError:
-    """An OSError of the disk (full, read-only, quota, I/O) raised by any writer (a log appended, a library's
-    own file) as a WriteError naming the file; other errors are returned unchanged."""
-    if isinstance(err, UserError) or err.errno not in DISK_ERRNOS:
-        return err
-    return WriteError(describe_failure(Path(err.filename or fallback), err,
-                                       kept="the checkpoints and files written before are untouched"))
 
 
 def fsync_folder(folder: Path) -> None:

@@ -5,7 +5,9 @@ and says what to do, so the command-line entry points print it as one line and e
 
 from __future__ import annotations
 
+import errno
 import functools
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,6 +20,41 @@ class MissingFile(UserError, FileNotFoundError):
     """A file the command was pointed at (a checkpoint, an export) does not exist."""
 
 
+class WriteError(UserError, OSError):
+    """A file could not be written (full disk, read-only folder, ...); names it, the cause and the free space."""
+
+
+def _free(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown"
+
+
+def describe_failure(path: Path, err: OSError, kept: str = "", verb: str = "write") -> str:
+    cause = err.strerror or str(err)
+    where = f"{path}: {cause} (errno {err.errno})"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where += f"; {_free(path.parent)} free in {path.parent}"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        where += f"; {path.parent} is not writable"
+    return f"could not {verb} {where}; {kept or 'the previous version of the file (if any) is untouched'}"
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # only a write fails this way
+DISK_ERRNOS = WRITE_ERRNOS + (errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def as_write_error(err: OSError, fallback: Path) -> OSError:
+    """An OSError of the disk (full, read-only, quota, I/O) raised by any writer (a log appended, a library's
+    own file) as a WriteError naming the file; other errors are returned unchanged."""
+    if isinstance(err, UserError) or err.errno not in DISK_ERRNOS:
+        return err
+    return WriteError(describe_failure(Path(err.filename or fallback), err,
+                                       kept="the checkpoints and files written before are untouched",
+                                       verb="write" if err.errno in WRITE_ERRNOS else "access"))
+
+
 def exit_on_user_error(fn):
     """Wrap an entry point: a UserError is printed as one line on stderr and the command exits 1."""
 
@@ -27,8 +64,6 @@ def exit_on_user_error(fn):
             return fn(*args, **kwargs)
         except (UserError, OSError) as err:
             if not isinstance(err, UserError):  # a full disk / read-only folder hit by any writer: one sentence
-                from .atomic import as_write_error
-
                 err = as_write_error(err, fallback=Path.cwd())
                 if not isinstance(err, UserError):
                     raise

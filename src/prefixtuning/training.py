@@ -31,6 +31,7 @@ from .artifacts import read_checkpoint
 from .callbacks import GenerationValidation, JsonlMetrics
 from .checkpoint import RunLock, SafeCheckpointIO, check_writable
 from .config_check import ConfigError, check_train_config
+from .errors import as_write_error
 from .data.base import DataError
 from .data.datamodule import PrefixDataModule, build_dataset, missing_files, preflight_data
 from .data.download import download
@@ -206,7 +207,7 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
             record_attempt(output_dir, mode, resume_from)
         return _train(cfg, list(callbacks) + faults.install(), output_dir, resume_from, dataset)
     except OSError as err:  # a full disk or read-only folder hit by any writer: one sentence with the file
-        converted = atomic.as_write_error(err, output_dir)
+        converted = as_write_error(err, output_dir)
         if converted is err:
             raise
         raise converted from err
