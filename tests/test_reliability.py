@@ -288,3 +288,14 @@ def test_a_killed_sweep_continues_skipping_finished_jobs(tmp_path):
     kept = lambda d: {k: v for k, v in d.items() if k == "metrics.json" or k.startswith("checkpoints")}  # noqa: E731
     assert kept(folder_digest(tmp_path / "0")) == kept(done) and "metrics.json" in kept(done)
     assert (tmp_path / "1" / "metrics.json").is_file()
+    # the report says which job ran twice
+    from prefixtuning.report import report
+
+    report([tmp_path], tmp_path / "rep")
+    md = (tmp_path / "rep" / "summary.md").read_text()
+    assert f"- {tmp_path / '1'}: 2 attempts (new, resume)" in md and f"- {tmp_path / '0'}:" not in md
+    # the same -m command without sweep_resume is refused before Hydra rewrites any job folder
+    before = folder_digest(tmp_path / "1")
+    plain = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert plain.returncode == 1 and "holds 2 job folder(s) of a sweep already" in plain.stderr
+    assert "sweep_resume=true" in plain.stderr and folder_digest(tmp_path / "1") == before
