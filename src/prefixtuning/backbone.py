@@ -15,6 +15,7 @@ from torch import nn
 
 from .injection import PrefixInjector, UnsupportedArchitecture
 from .local_backbones import BackboneLoadError, build_local, is_local_backbone
+from .quantization import quantize_backbone
 
 # Config attributes that hold dropout probabilities in the families we support.
 _DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout",
@@ -157,6 +158,7 @@ class Backbone(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        self.quantization = "none"  # set by load(); not part of the identity (a prefix fits the full-precision model)
         self.geometry = Geometry.from_config(model.config)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -175,8 +177,8 @@ class Backbone(nn.Module):
 
     @classmethod
     def load(cls, name_or_path: str, *, offline_substitute: str | None = None, cache_dir: str | None = None,
-             dtype: str = "float32", dropout: float | None = None, gradient_checkpointing: bool = False
-             ) -> "Backbone":
+             dtype: str = "float32", dropout: float | None = None, gradient_checkpointing: bool = False,
+             quantization: str = "none") -> "Backbone":
         """Load `name_or_path` (a hub id, a local directory, or a local backbone such as `tiny-gpt2`) frozen.
 
         offline_substitute: a local backbone used instead when a hub id cannot be loaded (no network, not in
@@ -201,7 +203,7 @@ class Backbone(nn.Module):
                 raise BackboneLoadError(f"backbone.offline_substitute={offline_substitute!r} is not a local "
                                         f"backbone") from err
             return cls.load(offline_substitute, cache_dir=cache_dir, dtype=dtype, dropout=dropout,
-                            gradient_checkpointing=gradient_checkpointing)
+                            gradient_checkpointing=gradient_checkpointing, quantization=quantization)
         if dropout is not None:
             for f in _DROPOUT_FIELDS:
                 if hasattr(config, f):
@@ -215,7 +217,13 @@ class Backbone(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return cls(model, tokenizer, name_or_path)
+        n = quantize_backbone(model, quantization, name_or_path)
+        backbone = cls(model, tokenizer, name_or_path)
+        backbone.quantization = quantization
+        if n:
+            print(f"[backbone] {name_or_path}: {n} linear projections quantized to {quantization} (weight-only, "
+                  f"torchao); embeddings and LM head kept in {dtype}", flush=True)
+        return backbone
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

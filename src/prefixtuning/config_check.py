@@ -27,6 +27,7 @@ from .data.base import DATASETS
 from .initialization import INIT_SETTINGS
 from .lightning_module import SCHEDULES
 from .methods import METHODS
+from .quantization import CHOICES as QUANTIZATION
 from .prefixes import PREFIXES
 from .settings import BOOL, FLOAT, INT, LIST, SPLITS, STR, ConfigError, S, Spec
 
@@ -50,7 +51,7 @@ def _schema() -> dict[str, Spec]:
         "backbone.name_or_path": S(STR), "backbone.offline_substitute": S(STR, null=True),
         "backbone.dtype": S(STR, choices=("float32", "bfloat16", "float16")),
         "backbone.dropout": S(FLOAT, null=True, min=0, max=1), "backbone.gradient_checkpointing": S(BOOL),
-        "backbone.cache_dir": S(STR, null=True),
+        "backbone.cache_dir": S(STR, null=True), "backbone.quantization": S(STR, choices=QUANTIZATION),
         "method.kind": S(STR, choices=tuple(METHODS)), "prefix.kind": S(STR, choices=(*PREFIXES, "none")),
         "init.kind": S(STR, choices=(*INIT_SETTINGS, "none")),
         "decoding.num_beams": S(INT, min=1), "decoding.min_new_tokens": S(INT, min=0),
@@ -163,6 +164,7 @@ def check_train_config(cfg) -> None:
     _check_keys(cfg, c, _schema(), "anything")
     _check_groups(cfg)
     _check_recipe(cfg)
+    _check_quantization(cfg)
     allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     for key, value in trainer.items():
         if key not in allowed:
@@ -170,6 +172,16 @@ def check_train_config(cfg) -> None:
         if key in TRAINER:
             TRAINER[key].check(f"trainer.{key}", value)
     _check_trains_something(trainer)
+
+
+def _check_quantization(cfg) -> None:
+    """A quantized backbone's weights cannot train: methods that train them are refused before any work."""
+    q = OmegaConf.select(cfg, "backbone.quantization") or "none"
+    kind = OmegaConf.select(cfg, "method.kind") or "prefix"
+    if q != "none" and METHODS[kind].trains_backbone:
+        raise ConfigError(f"method={kind} trains the backbone's own weights, which backbone.quantization={q} "
+                          f"stores as frozen integers; use a method that adds weights (prefix, prompt, lora, "
+                          f"adapter) or backbone.quantization=none")
 
 
 def _check_trains_something(trainer: dict) -> None:

@@ -27,7 +27,8 @@ def load_backbone(cfg, trained_on: str | None = None) -> Backbone:
         name = trained_on
     return Backbone.load(name, offline_substitute=b.get("offline_substitute"), cache_dir=b.get("cache_dir"),
                          dtype=b.get("dtype", "float32"), dropout=b.get("dropout"),
-                         gradient_checkpointing=b.get("gradient_checkpointing", False))
+                         gradient_checkpointing=b.get("gradient_checkpointing", False),
+                         quantization=b.get("quantization", "none"))
 
 
 def method_config(cfg) -> dict:

@@ -40,6 +40,8 @@ class NoPrefixError(UserError, AttributeError, ValueError):
 
 class Method(nn.Module):
     kind = "base"
+    # trains the backbone's own weights (full fine-tuning): refused on a quantized backbone
+    trains_backbone = False
     # root config groups this method reads besides `method` (the others are set to `none` by its config)
     reads = ()
     # the `method.*` config keys this method reads besides `kind` (checked before any work by config_check)

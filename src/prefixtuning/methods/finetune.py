@@ -42,6 +42,7 @@ def untied_head(backbone) -> nn.Module | None:
 @register_method("finetune")
 class FineTune(Method):
     """Every backbone weight trains (the paper's FT). Checkpoints and exports hold the whole model."""
+    trains_backbone = True
 
     def __init__(self, backbone):
         super().__init__(backbone)
@@ -57,6 +58,7 @@ class FineTuneTop2(Method):
     """The paper's FT-TOP2: only the top 2 transformer layers of the decoder stack train, with the norm
     applied after them (GPT-2 `ln_f`, Llama `norm`) and the LM head when it is not tied to the input
     embeddings (tied heads stay frozen with the embeddings). Everything else stays bit-identical."""
+    trains_backbone = True
 
     settings = {"layers": S(INT, min=1)}
 

@@ -1,0 +1,111 @@
+"""Quantized frozen backbones (backbone.quantization=int8|int4, torchao, weight-only).
+
+The oracle: the same backbone with every quantized weight replaced by its dequantized float tensor (plain
+nn.Linear, no quantized kernel). With a prefix, the quantized model's logits and the prefix's gradient equal
+the oracle's within 1e-5 (float32; the kernels dequantize in another order); the quantization is real (the
+full-precision model differs from both by far more); a prefix trained on the quantized base loads, as an
+export and as a PEFT adapter, onto the full-precision base with the same tensors.
+"""
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from conftest import TEXTS, batch, compose_cfg, load_tiny
+from prefixtuning.config_check import ConfigError
+from prefixtuning.loading import load_prefix, load_trained
+from prefixtuning.model import PrefixTuningModel
+from prefixtuning.peft_interop import export_peft
+from prefixtuning.prefixes import build_prefix
+from prefixtuning.quantization import QuantizationError, dequantized_copy, is_quantized, targets
+from prefixtuning.training import train
+
+TOL = 1e-5
+
+
+def _prefixed(bb, seed=0):
+    torch.manual_seed(seed)
+    return PrefixTuningModel(bb, build_prefix({"kind": "static", "length": 4}, bb.geometry), shift_positions=True)
+
+
+def _logits_and_grad(m, ids, mask):
+    m.zero_grad()
+    logits = m(ids, mask).logits
+    keep = mask[:, 1:].bool()  # next-token loss on the real tokens
+    torch.nn.functional.cross_entropy(logits[:, :-1][keep], ids[:, 1:][keep]).backward()
+    grads = [p.grad.detach().clone() for p in m.prefix.parameters()]
+    return logits.detach()[mask.bool()], grads
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_quantized_backbone_with_a_prefix_equals_its_dequantized_weights(kind):
+    quant = load_tiny("llama", quantization=kind)
+    names = targets(quant.model)
+    assert names and all(is_quantized(quant.model.get_submodule(n).weight) for n in names)
+    assert quant.model.get_input_embeddings().weight.dtype == torch.float32  # embeddings / head stay float
+    oracle = load_tiny("llama", quantization=kind)
+    dequantized_copy(oracle.model)
+    assert not any(is_quantized(oracle.model.get_submodule(n).weight) for n in names)
+    full = load_tiny("llama")
+    ids, mask = batch(quant.tokenizer, TEXTS)
+    a, ga = _logits_and_grad(_prefixed(quant), ids, mask)
+    b, gb = _logits_and_grad(_prefixed(oracle), ids, mask)
+    c, _ = _logits_and_grad(_prefixed(full), ids, mask)
+    assert (a - b).abs().max().item() <= TOL
+    assert (a - c).abs().max().item() > 100 * TOL  # the weights really are quantized
+    for x, y in zip(ga, gb):  # gradients reach the prefix through the quantized projections
+        assert x.abs().sum() > 0 and (x - y).abs().max().item() <= TOL
+
+
+def test_quantization_refusals_name_the_reason(tmp_path):
+    with pytest.raises(QuantizationError, match="tiny-gpt2 has no nn.Linear projection to quantize .*Conv1D"):
+        load_tiny("gpt2", quantization="int8")
+    for method in ("finetune", "finetune_top2"):
+        with pytest.raises(ConfigError, match=f"method={method} trains the backbone's own weights, which "
+                                              "backbone.quantization=int8 stores as frozen integers"):
+            train(compose_cfg([f"method={method}", "backbone=tiny-llama", "backbone.quantization=int8"],
+                              tmp_path / method))
+        assert not (tmp_path / method).exists()
+    with pytest.raises(ConfigError, match="backbone.quantization"):
+        train(compose_cfg(["backbone=tiny-llama", "backbone.quantization=int3"], tmp_path / "x"))
+
+
+def test_a_prefix_trained_on_a_quantized_base_loads_on_the_full_precision_base(tmp_path):
+    from prefixtuning.export import export_checkpoint
+
+    train(compose_cfg(["backbone=tiny-llama", "backbone.quantization=int8", "trainer=cpu", "optim.epochs=1",
+                       "trainer.limit_train_batches=2", "test_after_training=false", "val_generation.enabled=false",
+                       "validate_before_training=false", "logger=csv", "trainer.enable_progress_bar=false"],
+                      tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    trained, _ = load_trained(ckpt)  # rebuilt as trained: on the int8 base
+    assert trained.backbone.quantization == "int8"
+    export_checkpoint(str(ckpt), tmp_path / "export")
+    full = load_tiny("llama")
+    prefix, meta = load_prefix(tmp_path / "export", full)  # the identity is the model, not its storage
+    for a, b in zip(prefix.key_values()["decoder"], trained.method.prefix.inference().key_values()["decoder"]):
+        assert torch.equal(a, b.detach())
+    # PEFT, on the full-precision base: the same logits as this project's model with that prefix
+    export_peft(trained.method.prefix, trained.backbone, tmp_path / "peft")
+    base = AutoModelForCausalLM.from_pretrained(full.model.name_or_path).eval()
+    peft = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    ours = PrefixTuningModel(full, prefix, shift_positions=True).eval()
+    ids, mask = batch(full.tokenizer, TEXTS)
+    with torch.no_grad():
+        diff = (ours(ids, mask).logits - peft(input_ids=ids, attention_mask=mask).logits)[mask.bool()]
+    assert diff.abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("method", ["prefix_apt", "prompt", "lora", "adapter"])
+def test_every_method_that_adds_weights_trains_on_a_quantized_base(tmp_path, method):
+    over = ["prefix=apt"] if method == "prefix_apt" else [f"method={method}"]
+    metrics = train(compose_cfg(over + ["backbone=tiny-llama", "backbone.quantization=int8", "trainer=cpu",
+                                        "optim.epochs=1", "trainer.limit_train_batches=2", "test_after_training=false",
+                                        "val_generation.enabled=false", "logger=csv",
+                                        "trainer.enable_progress_bar=false"], tmp_path))
+    assert metrics["val/loss"] < metrics["val/loss_start"]  # the added weights learned through int8 projections
+    model, _ = load_trained(tmp_path / "checkpoints" / "last.ckpt")
+    assert model.backbone.quantization == "int8"
+    added = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    assert added and all(p.dtype == torch.float32 for p in added)  # the trained tensors stay float32
