@@ -171,3 +171,32 @@ def test_one_state_over_forwards_with_different_masks_equals_fresh_states(family
             out = m.backbone.model(input_ids=ids, attention_mask=mask, position_ids=m.position_ids(mask)).logits
             assert torch.equal(out, ref)
     assert state.masks, "the pass did not go through the mask reuse"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_unpadded_batches_take_the_lower_right_causal_bias_with_the_same_outputs(family, monkeypatch):
+    """An unpadded causal batch goes to SDPA with torch's causal_lower_right bias (the flash-kernel path on
+    CUDA); its logits and prefix gradients equal the explicit-mask path's (float32, 1e-6), and a padded batch
+    keeps the mask."""
+    from prefixtuning import injection
+
+    calls = []
+    real = injection._sdpa_lower_right
+    monkeypatch.setattr(injection, "_sdpa_lower_right", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(fast: bool, texts):
+        monkeypatch.setattr(injection, "FAST_PATH", fast)
+        m = make_model(family, "static", length=5).train()
+        ids, mask = batch(m.backbone.tokenizer, texts)
+        logits = m(ids, mask).logits
+        logits[mask.bool()].pow(2).mean().backward()
+        return logits.detach(), [p.grad.clone() for p in m.prefix.parameters()]
+
+    a, ga = run(True, TEXTS[:1])
+    n = len(calls)
+    b, gb = run(False, TEXTS[:1])
+    assert n > 0 and len(calls) == n  # taken when on, not when off
+    assert (a - b).abs().max().item() <= 1e-6
+    assert all((x - y).abs().max().item() <= 1e-6 and x.abs().sum() > 0 for x, y in zip(ga, gb))
+    run(True, TEXTS)  # right-padded: the mask tensor, not the bias
+    assert len(calls) == n

@@ -30,7 +30,10 @@ a stretch of text that scrolls out of view).
 Masks: when a batch has no padding, transformers passes `attention_mask=None` and relies on SDPA's
 `is_causal`, whose triangle is aligned top-left. With P prefix keys in front, key length != query
 length and that alignment would be wrong (and `sdpa_attention_forward` would even crop the keys).
-We then build the mask ourselves: prefix columns visible, causal part aligned bottom-right.
+Prefix columns visible and the causal part aligned bottom-right is exactly a causal mask aligned to the
+bottom-right of the whole (q, P + kv) score matrix: an unpadded batch passes that to SDPA as torch's
+`causal_lower_right` bias, not a tensor, so CUDA's flash / memory-efficient kernels stay available; a padded
+batch (or per-row prefixes) gets the mask tensor built here.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from torch.nn.attention.bias import causal_lower_right
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .errors import UserError
@@ -149,6 +153,10 @@ def _prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
 
     is_causal = kwargs.pop("is_causal", None)
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if (FAST_PATH and attention_mask is None and is_causal and q_len > 1 and plain_softmax
+            and not (state.prefix_mask and state.prefix_mask.get(tag.site) is not None)
+            and key.shape[-1] == value.shape[-1]):
+        return _sdpa_lower_right(module, query, key, value, kwargs.get("dropout", 0.0), kwargs.get("scaling"))
     # The mask with the prefix columns is the same for every layer of a site within one forward pass (the
     # model hands each layer the same mask object): build it once per pass and site, reuse it after.
     attention_mask = _cached_mask_with_prefix(attention_mask, state, tag.site, batch, q_len, kv_len, n_prefix,
@@ -161,6 +169,26 @@ def _prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     return _eager_attention(module, query, key, value, attention_mask, scaling=kwargs.get("scaling"),
                             dropout=kwargs.get("dropout", 0.0), softcap=kwargs.get("softcap"), position_bias=bias,
                             sinks=kwargs.get("s_aux", kwargs.get("sinks")))
+
+
+# Unpadded causal batches go to SDPA with torch's lower-right causal bias instead of a materialized mask
+# (`_sdpa_lower_right`); tests switch it off to compare with the explicit-mask path.
+FAST_PATH = True
+
+
+def _sdpa_lower_right(module, query: Tensor, key: Tensor, value: Tensor, dropout: float, scaling):
+    """An unpadded causal batch with the prefix in front of the keys: query i sees the P prefix keys and the real
+    keys up to its own position, which is exactly a causal mask aligned to the bottom-right corner of the
+    (q, P + kv) score matrix. It is passed to SDPA as `causal_lower_right`, not as a tensor, so on CUDA SDPA can
+    choose its flash or memory-efficient kernels; where no such kernel applies (the CPU) torch builds the same
+    mask itself."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    bias = causal_lower_right(query.shape[2], key.shape[2])
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout,
+                                                           scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _prefix_position_bias(module, tag, bias: Tensor, q_len: int, kv_len: int, n_prefix: int) -> Tensor:

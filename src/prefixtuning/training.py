@@ -26,23 +26,22 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from . import atomic
+from . import atomic, faults
 from .artifacts import read_checkpoint
 from .callbacks import GenerationValidation, JsonlMetrics
 from .checkpoint import RunLock, SafeCheckpointIO, check_writable
 from .config_check import ConfigError, check_train_config
-from .errors import as_write_error
 from .data.base import DataError
 from .data.datamodule import PrefixDataModule, build_dataset, missing_files, preflight_data
 from .data.download import download
 from .decoding import check_generation_positions
+from .errors import as_write_error
 from .evaluation import evaluate_model, format_table, select_inputs
 from .factory import build_model, initialize, load_backbone, parameter_report
 from .gates import probe_gates, write_gate_report
 from .lightning_module import PrefixTuningModule
 from .metrics import java
 from .model import TunedModel
-from . import faults
 from .resume import (HISTORY, INTERRUPTED, PARTIAL, ContinuingCSVLogger, ResumeError, plan_run,
                      set_aside)
 from .wandb_run import GateImages, finish_run, run_identity
@@ -238,9 +237,9 @@ def record_attempt(output_dir: Path, mode: str, resume_from) -> None:
     atomic.write_lines(hist, [*lines, json.dumps(entry)])
 
 
-def attempts(output_dir: Path) -> list[dict]:
+def attempts(output_dir: Path) -> int:
     hist = output_dir / HISTORY
-    return [json.loads(line) for line in hist.read_text().splitlines()] if hist.is_file() else []
+    return len(hist.read_text().splitlines()) if hist.is_file() else 0
 
 
 def _global_rank() -> int:
@@ -305,7 +304,7 @@ def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from, dataset) -
             except SystemExit as stop:
                 raise interrupted(stop, signals, trainer, output_dir, "the test decode") from None
     if rank0:
-        metrics["attempts"] = len(attempts(output_dir)) or 1
+        metrics["attempts"] = attempts(output_dir) or 1
         finish_run(trainer, module.model, cfg, metrics, output_dir)  # summary + artifact (W&B only)
         _write_json(output_dir / "metrics.json", metrics)
         (output_dir / INTERRUPTED).unlink(missing_ok=True)  # finished now (a resumed run's earlier interruption)
