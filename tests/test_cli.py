@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, compose_cfg
@@ -52,3 +54,12 @@ def test_score_cli_gives_the_official_numbers(tmp_path):
     for hyp, refs in ((empty, empty), (empty, FIX / "e2e_example_references.txt")):  # nothing to score: an error
         proc = _run(["-m", "prefixtuning.score", "--task", "e2e", "--hyp", str(hyp), "--refs", str(refs)])
         assert proc.returncode == 2 and f"error: {empty} is empty: nothing to score" in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmark runs for real (python benchmarks/gpu.py)")
+def test_the_gpu_benchmark_is_skipped_cleanly_without_cuda():
+    proc = subprocess.run([sys.executable, "benchmarks/gpu.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == ("benchmarks/gpu.py: skipped: no CUDA GPU on this machine "
+                                   "(torch.cuda.is_available() is False)")

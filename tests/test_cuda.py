@@ -142,3 +142,4 @@ def test_train_and_evaluate_on_gpu_as_typed(tmp_path):
                 f"hydra.run.dir={ev}"])
     assert "[eval] decoding on cuda" in log
     assert (ev / "predictions_test.txt").read_text() == (out / "predictions_test.txt").read_text()
+
