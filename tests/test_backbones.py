@@ -215,3 +215,21 @@ def test_gradient_checkpointing_same_loss_and_gradients(family, kind, kw):
     for n in g0:
         assert g0[n].abs().sum() > 0
         torch.testing.assert_close(g0[n], g1[n], rtol=1e-5, atol=1e-6)
+
+
+def test_dtype_auto_picks_bfloat16_only_where_it_is_fast(monkeypatch, capsys):
+    """backbone.dtype=auto: bfloat16 on a CUDA GPU or a CPU with bfloat16 matrix kernels, float32 on a CPU
+    without them; the choice is printed with its reason and recorded (Backbone.dtype)."""
+    from prefixtuning import backbone as bmod
+
+    for cuda, kernels, accel, want in [(False, False, None, "float32"), (False, True, None, "bfloat16"),
+                                       (True, False, None, "bfloat16"), (True, False, "cpu", "float32")]:
+        monkeypatch.setattr(bmod.torch.cuda, "is_available", lambda c=cuda: c)
+        monkeypatch.setattr(bmod, "cpu_has_bf16_kernels", lambda k=kernels: k)
+        assert bmod.resolve_dtype("auto", accel)[0] == want
+        assert bmod.resolve_dtype("float16", accel) == ("float16", "backbone.dtype")
+    monkeypatch.setattr(bmod, "cpu_has_bf16_kernels", lambda: False)
+    monkeypatch.setattr(bmod.torch.cuda, "is_available", lambda: False)
+    bb = bmod.Backbone.load("tiny-llama", dtype="auto")
+    assert bb.dtype == "float32" and next(bb.model.parameters()).dtype == torch.float32
+    assert "backbone.dtype=auto on a CPU without bfloat16 matrix kernels" in capsys.readouterr().out

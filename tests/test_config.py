@@ -189,7 +189,7 @@ def test_a_replay_row_without_replay_settings_is_refused_before_any_work(tmp_pat
     ("optim.lr=-1e-3", "optim.lr=-0.001 must be greater than 0"),
     ("prefix.length=2.5", "prefix.length=2.5 is a float; expected int"),
     ("decoding.num_beams=true", "decoding.num_beams=True is a bool; expected int"),
-    ("backbone.dtype=float64", "backbone.dtype='float64' is not one of float32, bfloat16, float16"),
+    ("backbone.dtype=float64", "backbone.dtype='float64' is not one of float32, bfloat16, float16, auto"),
     ("+data.bach_size=4", "config key data.bach_size is not read by anything"),
     ("+prefix.mid_dim=64", "config key prefix.mid_dim is read only when prefix.kind is reparam"),
     ("+trainer.max_epoch=3", "config key trainer.max_epoch is not an argument of lightning.Trainer"),

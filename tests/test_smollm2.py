@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import TEXTS, batch, compose_cfg, peft_prefix_twin
-from prefixtuning.backbone import Backbone
+from prefixtuning.backbone import Backbone, cpu_has_bf16_kernels
 from prefixtuning.initialization import initialize_prefix
 from prefixtuning.local_backbones import SMOLLM2_135M_Q4, BackboneLoadError, GgufBackbone
 from prefixtuning.model import PrefixTuningModel
@@ -88,8 +88,8 @@ def test_task_words_init_equals_the_models_own_keys_and_values(smol32):
                                         ("apt", {}, 5e-3)])
 @pytest.mark.slow
 def test_every_prefix_kind_learns_on_the_real_backbone(kind, kw, lr):
-    """Default dtype of the embedded recipe (bfloat16 backbone, float32 prefix), a real E2E batch."""
-    bb = Backbone.load(NAME, dtype="bfloat16", dropout=0.0)
+    """The embedded recipe's dtype on this machine (backbone.dtype=auto; float32 prefix), a real E2E batch."""
+    bb = Backbone.load(NAME, dtype="auto", dropout=0.0)
     m = _model(bb, kind, **kw)
     initialize_prefix({"kind": "task_words", "text": "table-to-text:"}, m.prefix, bb)
     from prefixtuning.data.datamodule import PrefixDataModule
@@ -114,7 +114,9 @@ def test_default_config_loads_the_offline_substitute_under_its_own_name(tmp_path
     assert cfg.backbone.name_or_path == "HuggingFaceTB/SmolLM2-135M"
     bb = load_backbone(cfg)  # HF_HUB_OFFLINE=1 (conftest): the hub id cannot load, the substitute does
     assert bb.name == NAME and bb.name != cfg.backbone.name_or_path
-    assert next(bb.model.parameters()).dtype == torch.bfloat16
+    # backbone.dtype=auto: bfloat16 where the CPU has bfloat16 matrix kernels, float32 where it has not
+    want = torch.bfloat16 if cpu_has_bf16_kernels() else torch.float32
+    assert cfg.backbone.dtype == "auto" and next(bb.model.parameters()).dtype == want
 
 
 def test_missing_package_is_one_sentence_with_the_install_command(tmp_path, monkeypatch):

@@ -49,7 +49,7 @@ def _schema() -> dict[str, Spec]:
         "optim.warmup_steps": S(INT, min=0), "optim.schedule": S(STR, choices=SCHEDULES),
         "optim.gradient_clip_val": S(FLOAT, null=True, min=0), "optim.epochs": S(INT, min=1),
         "backbone.name_or_path": S(STR), "backbone.offline_substitute": S(STR, null=True),
-        "backbone.dtype": S(STR, choices=("float32", "bfloat16", "float16")),
+        "backbone.dtype": S(STR, choices=("float32", "bfloat16", "float16", "auto")),
         "backbone.dropout": S(FLOAT, null=True, min=0, max=1), "backbone.gradient_checkpointing": S(BOOL),
         "backbone.cache_dir": S(STR, null=True), "backbone.quantization": S(STR, choices=QUANTIZATION),
         "method.kind": S(STR, choices=tuple(METHODS)), "prefix.kind": S(STR, choices=(*PREFIXES, "none")),

@@ -28,7 +28,8 @@ def load_backbone(cfg, trained_on: str | None = None) -> Backbone:
     return Backbone.load(name, offline_substitute=b.get("offline_substitute"), cache_dir=b.get("cache_dir"),
                          dtype=b.get("dtype", "float32"), dropout=b.get("dropout"),
                          gradient_checkpointing=b.get("gradient_checkpointing", False),
-                         quantization=b.get("quantization", "none"))
+                         quantization=b.get("quantization", "none"),
+                         accelerator=OmegaConf.select(cfg, "trainer.accelerator"))
 
 
 def method_config(cfg) -> dict:
@@ -60,7 +61,8 @@ def parameter_report(model: TunedModel) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.backbone.model.parameters() if not p.requires_grad)
     added = sum(p.numel() for p in model.method.parameters() if id(p) not in own)
-    return {"backbone": model.backbone.name, "method": model.method.kind, "trainable_params": trainable,
+    return {"backbone": model.backbone.name, "backbone_dtype": model.backbone.dtype, "method": model.method.kind,
+            "trainable_params": trainable,
             "frozen_params": frozen, "backbone_params": backbone, "added_params": added,
             "inference_params": model.method.inference_params(model),
             "trainable_share_of_backbone": trainable / backbone}
