@@ -120,8 +120,11 @@ def test_resume_restores_the_runs_own_settings_refuses_changes_and_keeps_logs(tm
     assert "optim.epochs: 1 in the run, 2 now" in proc.stderr and "resume_allow_changes=true" in proc.stderr
     assert folder_digest(run) == before
     # by explicit choice: continues with a warning, and every log continues
+    first_metrics = (run / "metrics.json").read_text()
     proc = cli([f"hydra.run.dir={run}", "ckpt_path=last", "optim.epochs=2", "resume_allow_changes=true"])
     assert "WARNING: resume_allow_changes=true" in proc.stdout
+    # while it trains again it is not finished; its first result is kept under another name
+    assert (run / "metrics.before_attempt2.json").read_text() == first_metrics
     after = (run / "csv" / "metrics.csv").read_text().splitlines()
     assert after[: len(csv_before)] == csv_before and len(after) > len(csv_before)
     jsonl = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -203,6 +203,11 @@ def train(cfg: DictConfig, callbacks=()) -> dict:
                       f"beginning{f' (the earlier attempt is kept in {moved})' if moved else ''}", flush=True)
             elif mode == "resume" and cfg.get("sweep_resume"):
                 print(f"[run] sweep_resume: continuing {output_dir} from its last checkpoint", flush=True)
+            done = output_dir / "metrics.json"
+            if mode == "resume" and done.is_file():  # a finished run continued with new settings: until it
+                kept = done.with_name(f"metrics.before_attempt{attempts(output_dir) + 1}.json")  # finishes
+                done.rename(kept)  # again it is not finished; its earlier result is kept under another name
+                print(f"[run] {done} of the finished run kept as {kept.name}", flush=True)
             record_attempt(output_dir, mode, resume_from)
         return _train(cfg, list(callbacks) + faults.install(), output_dir, resume_from, dataset)
     except OSError as err:  # a full disk or read-only folder hit by any writer: one sentence with the file
