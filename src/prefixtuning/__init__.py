@@ -16,9 +16,26 @@ def __getattr__(name):  # the API loads torch and transformers only when it is u
         return PrefixTuned
     raise AttributeError(f"module 'prefixtuning' has no attribute {name!r}")
 
+import logging
+
 from omegaconf import OmegaConf
 
 from .cache import default_cache_dir
+
+
+class _QuietTorchaoRegistration(logging.Filter):
+    """torch's deprecation notice for each enum torchao registers at import."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is an Enum subclass and is now natively supported" not in record.getMessage()
+
+
+# transformers imports torchao whenever it is installed (backbone.quantization needs it), and torchao's import
+# warns about what a CPU build lacks (optional CUDA kernel libraries, Triton) while torch warns once per enum
+# torchao registers. None of it concerns a run, and it would open every command's stderr and each run's log,
+# so torchao logs errors only, and torch's notice about its enums is dropped.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").addFilter(_QuietTorchaoRegistration())
 
 # The paper's low-data runs train for 200 steps at sizes 50/100/200 and 400 steps at size 500.
 LOWRES_STEPS = {50: 200, 100: 200, 200: 200, 500: 400}
