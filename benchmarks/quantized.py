@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from machine import cpu_model  # noqa: E402
 
-from cpu_bf16 import decode  # noqa: E402
+from cpu_bf16 import decode, train_step  # noqa: E402
 from prefixtuning.backbone import Backbone  # noqa: E402
 from prefixtuning.data.datamodule import PrefixDataModule  # noqa: E402
 from prefixtuning.initialization import initialize_prefix  # noqa: E402
@@ -82,12 +82,7 @@ def data(batch_size: int, tokenizer):
 
 
 def step(model, opt, b) -> float:
-    model.train()
-    loss = model(b["input_ids"], b["attention_mask"], labels=b["labels"], source_mask=b.get("source_mask")).loss
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    return loss.item()
+    return train_step(model, opt, "fp32", b)  # cpu_bf16's step; "fp32": no autocast, the backbone's own dtype
 
 
 def one(variant: str, batch_size: int) -> None:

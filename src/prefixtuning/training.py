@@ -288,7 +288,7 @@ def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from, dataset) -
         start = trainer.validate(module, datamodule=data, verbose=False)
         metrics["val/loss_start"] = start[0]["val/loss"]
     if rank0:
-        _write_json(partial, metrics)
+        atomic.write_json(partial, metrics)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None,
                     weights_only=True)  # never unpickles code
@@ -301,7 +301,7 @@ def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from, dataset) -
     metrics["best_checkpoint"] = best or None
     metrics["output_dir"] = str(output_dir)
     if rank0:
-        _write_json(partial, metrics)  # training is done: a kill during the test decode resumes with these
+        atomic.write_json(partial, metrics)  # training is done: a kill during the test decode resumes with these
     if cfg.get("test_after_training") and rank0 and not trainer.interrupted:
         with signals.during("the test decode"):
             try:
@@ -311,7 +311,7 @@ def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from, dataset) -
     if rank0:
         metrics["attempts"] = attempts(output_dir) or 1
         finish_run(trainer, module.model, cfg, metrics, output_dir)  # summary + artifact (W&B only)
-        _write_json(output_dir / "metrics.json", metrics)
+        atomic.write_json(output_dir / "metrics.json", metrics)
         (output_dir / INTERRUPTED).unlink(missing_ok=True)  # finished now (a resumed run's earlier interruption)
         partial.unlink(missing_ok=True)
         keys = ("val/loss_start", "val/loss", "train/loss", f"val/{data.dataset.fast_metric_name}")
@@ -331,9 +331,10 @@ def interrupted(stop: SystemExit, signals: "StopOnSignal", trainer, output_dir: 
         where = ("no checkpoint was written yet: it starts the run again from the beginning" if not last.is_file()
                  else "it continues from the mid-epoch checkpoint written now" if signals.saved_mid_epoch
                  else "it continues from the last epoch-end checkpoint")
-        _write_json(output_dir / INTERRUPTED, {"status": "interrupted", "by": name, "during": phase,
-                                               "global_step": trainer.global_step, "epoch": trainer.current_epoch,
-                                               "resume": resume, "checkpoint": where})
+        atomic.write_json(output_dir / INTERRUPTED, {"status": "interrupted", "by": name, "during": phase,
+                                                     "global_step": trainer.global_step,
+                                                     "epoch": trainer.current_epoch, "resume": resume,
+                                                     "checkpoint": where})
         print(f"[run] interrupted by {name} during {phase} at step {trainer.global_step}: no metrics.json (the run "
               f"is not finished); `{resume}` continues it ({where})", flush=True)
     return SystemExit(code)
@@ -421,10 +422,6 @@ class MidEpochCheckpoint(L.Callback):
         self.signals.saved_mid_epoch = True
         print(f"[run] mid-epoch checkpoint: {self.path} (epoch {trainer.current_epoch}, batch {done.completed} of "
               f"{n})", flush=True)
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic.write_json(path, obj)
 
 
 def run_splits(cfg) -> list[str]:
