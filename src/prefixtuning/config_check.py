@@ -172,6 +172,24 @@ def check_train_config(cfg) -> None:
         if key in TRAINER:
             TRAINER[key].check(f"trainer.{key}", value)
     _check_trains_something(trainer)
+    _check_sharding(cfg, trainer)
+
+
+def _check_sharding(cfg, trainer: dict) -> None:
+    """trainer=fsdp (strategy fsdp) with what it cannot shard: refused before any work."""
+    if trainer.get("strategy") != "fsdp":
+        return
+    from .sharding import fsdp_available
+
+    if not fsdp_available():
+        raise ConfigError("trainer.strategy=fsdp needs torch.distributed.fsdp.fully_shard (PyTorch >= 2.6); this "
+                          "PyTorch does not have it")
+    q = OmegaConf.select(cfg, "backbone.quantization") or "none"
+    if q != "none":
+        raise ConfigError(f"trainer=fsdp with backbone.quantization={q}: torchao's quantized weights are tensor "
+                          f"subclasses FSDP2 does not shard; quantize and train on one device per process "
+                          f"(trainer=gpu or trainer=ddp), or shard the full-precision backbone "
+                          f"(backbone.quantization=none)")
 
 
 def _check_quantization(cfg) -> None:

@@ -13,6 +13,7 @@ from .artifacts import IdentityMismatch, check_identity, check_tensor_names, che
 from .model import PrefixTuningModel
 
 BACKBONE_KEY = "model.backbone."
+CHECKED_BY_STRATEGY = "_prefixtuning_checked"
 # optim.schedule: after `warmup_steps` of linear warm-up, decay linearly to 0 at the last step (the paper's),
 # or keep the learning rate constant
 SCHEDULES = ("linear", "constant")
@@ -43,6 +44,8 @@ class PrefixTuningModule(L.LightningModule):
         self.optim = dict(optim)
         self.run_config = run_config or {}
         self._val_sums: torch.Tensor | None = None  # (sum of token losses, number of tokens)
+        self._logged_loss: torch.Tensor | None = None  # the global batch's loss under data parallelism
+        self.shard_report: dict | None = None  # trainer=fsdp: what each rank holds (sharding.shard_model)
         self.strict_loading = False  # backbone tensors are absent from checkpoints by design; checked below
         # from_pretrained returns the backbone in eval mode and Lightning keeps each module's mode, so switch
         # it on here: the backbone's dropout (backbone.dropout) and gradient checkpointing act in training.
@@ -52,15 +55,43 @@ class PrefixTuningModule(L.LightningModule):
     def forward(self, batch):
         return self.model(**batch)
 
+    def configure_model(self):
+        """trainer=fsdp: shard the backbone (sharding.py) once the processes are up; a no-op otherwise."""
+        from .sharding import PrefixFSDPStrategy, is_sharded, shard_model
+
+        if isinstance(self._trainer and self.trainer.strategy, PrefixFSDPStrategy) and not is_sharded(self.model):
+            self.shard_report = shard_model(self.model, self.device_mesh["data_parallel"])
+            if self.global_rank == 0:
+                r = self.shard_report
+                print(f"[fsdp] {r['units']} units over {r['world']} processes: each holds {r['backbone_mib_per_rank']:.1f} "
+                      f"MiB of the backbone's {r['backbone_mib']:.1f} MiB of weights", flush=True)
+
     def training_step(self, batch, batch_idx):
-        loss = self(batch).loss
+        out = self(batch)
+        loss = out.loss
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            loss = self._global_token_mean(loss, out.loss_tokens, world)
         if not torch.isfinite(loss):
             raise NonFiniteError(
                 f"train/loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, batch "
                 f"{batch_idx} of the epoch, {batch['input_ids'].shape[0]} examples); training stopped before "
                 f"this step's update, the last checkpoint is untouched. {self._overflow_hint()}")
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss if self._logged_loss is None else self._logged_loss, prog_bar=True,
+                 batch_size=batch["input_ids"].shape[0])
+        self._logged_loss = None
         return loss
+
+    def _global_token_mean(self, loss, n_local, world: int):
+        """With data parallelism each rank's loss is a mean over its own target tokens and the gradients are
+        averaged over ranks: a mean of means, which weights a rank's tokens by how few it has. Rescaled here so
+        the averaged gradient is the gradient of the mean over all ranks' target tokens, the loss of one process
+        taking the whole global batch (exactly: tests/test_sharding.py)."""
+        n_local = n_local.to(torch.float64)
+        both = torch.stack([loss.detach().double() * n_local, n_local])
+        both = self.trainer.strategy.reduce(both, reduce_op="sum")
+        self._logged_loss = (both[0] / both[1].clamp(min=1)).to(loss.dtype)  # the global batch's loss
+        return loss * (n_local * world / both[1].clamp(min=1)).to(loss.dtype)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
@@ -137,7 +168,8 @@ class PrefixTuningModule(L.LightningModule):
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint):
-        check_checkpoint(checkpoint, self)
+        if "state_dict" in checkpoint or not checkpoint.get(CHECKED_BY_STRATEGY):
+            check_checkpoint(checkpoint, self)  # (trainer=fsdp checks before its strategy loads the tensors)
         rng = checkpoint.get("rng_states")
         progress = (checkpoint.get("loops") or {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
         if rng and progress.get("current", {}).get("completed", 0) > 0 and not progress.get("is_last_batch", True):

@@ -13,6 +13,7 @@ from .data.features import IGNORE
 from .methods import Method
 from .methods.prefix import PrefixMethod
 from .prefixes import Prefix
+from .sharding import gathered_method_tensors
 
 
 def real_positions(attention_mask: Tensor, offset) -> Tensor:
@@ -82,17 +83,19 @@ class TunedModel(nn.Module):
         self.method.activate(bb, source_mask if source_mask is not None else attention_mask)
         mask, labels = inputs.pop("attention_mask"), inputs.pop("labels")
         if bb.is_encoder_decoder:
-            return bb.model(**inputs, attention_mask=mask, labels=labels, use_cache=False, **kwargs)
+            out = bb.model(**inputs, attention_mask=mask, labels=labels, use_cache=False, **kwargs)
+            return _count_targets(out, labels)
         kwargs.setdefault("position_ids", self.position_ids(mask))
         if labels is None or not self.target_logits_only:
-            return bb.model(**inputs, attention_mask=mask, labels=labels, use_cache=False, **kwargs)
+            out = bb.model(**inputs, attention_mask=mask, labels=labels, use_cache=False, **kwargs)
+            return _count_targets(out, None if labels is None else labels[:, 1:])
         next_labels = labels[:, 1:]  # position t predicts token t + 1
         keep = (next_labels != IGNORE).any(0).nonzero().squeeze(-1)  # positions predicting a target in any row
         out = bb.model(**inputs, attention_mask=mask, use_cache=False, logits_to_keep=keep, **kwargs)
         logits = out.logits.float()  # (B, K, V), upcast as transformers' own causal-LM loss does
         out.loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), next_labels[:, keep].reshape(-1),
                                    ignore_index=IGNORE)
-        return out
+        return _count_targets(out, next_labels)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, **generate_kwargs) -> Tensor:
@@ -102,18 +105,28 @@ class TunedModel(nn.Module):
         inputs = self.method.prepare(bb, input_ids, attention_mask, None)
         mask = inputs.pop("attention_mask")
         inputs.pop("labels")
-        # the prompt is the source: APT gates pool it at prefill and keep their values
-        self.method.activate(bb, attention_mask, keep_gates=True)
-        try:
-            if not bb.is_encoder_decoder:
-                generate_kwargs.setdefault("position_ids", self.position_ids(mask))
-            out = bb.model.generate(**inputs, attention_mask=mask, **generate_kwargs)
-        finally:
-            self.method.deactivate(bb)
+        with gathered_method_tensors(self) as distributed:
+            if distributed:  # trainer=fsdp: every rank runs every step until all ranks are done
+                generate_kwargs.setdefault("synced_gpus", True)
+            # the prompt is the source: APT gates pool it at prefill and keep their values
+            self.method.activate(bb, attention_mask, keep_gates=True)
+            try:
+                if not bb.is_encoder_decoder:
+                    generate_kwargs.setdefault("position_ids", self.position_ids(mask))
+                out = bb.model.generate(**inputs, attention_mask=mask, **generate_kwargs)
+            finally:
+                self.method.deactivate(bb)
         self.method.after_generate(generate_kwargs.get("num_beams") or 1)
         if not bb.is_encoder_decoder and not self.method.generates_from_embeddings:
             out = out[:, input_ids.shape[1]:]
         return out
+
+
+def _count_targets(out, predicted_labels: Tensor | None):
+    """`out.loss_tokens`: how many target tokens `out.loss` is the mean over (what data-parallel training weights
+    each rank's loss by, lightning_module._global_token_mean)."""
+    out.loss_tokens = None if predicted_labels is None else (predicted_labels != IGNORE).sum()
+    return out
 
 
 # The project's name for it; every method goes through the same class.

@@ -194,6 +194,13 @@ def _override_key(o: str) -> str:
     return o.split("=", 1)[0].lstrip("+~")
 
 
+def _override_value(o: str) -> str:
+    """The value of `key=value` as Hydra reads it: one pair of enclosing quotes removed (Lightning's DDP/FSDP
+    launcher passes `hydra.run.dir="<dir>"` to the processes it starts)."""
+    v = o.split("=", 1)[1]
+    return v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"" else v
+
+
 def resume_argv(argv: list[str]) -> list[str]:
     """Before Hydra composes (and writes `.hydra/` into the run folder):
     - `ckpt_path=last|auto|<file>` on a run folder: the original command's overrides (the run's
@@ -204,7 +211,7 @@ def resume_argv(argv: list[str]) -> list[str]:
       is not overwritten by a command that is then refused.
     Other commands are returned unchanged."""
     args = argv[1:]
-    kv = {_override_key(a): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
+    kv = {_override_key(a): _override_value(a) for a in args if "=" in a and not a.startswith("-")}
     ck = kv.get("ckpt_path")
     multirun = "-m" in args or "--multirun" in args
     if multirun:

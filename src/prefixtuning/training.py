@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ from .metrics import java
 from .model import TunedModel
 from .resume import (HISTORY, INTERRUPTED, PARTIAL, ContinuingCSVLogger, ResumeError, plan_run,
                      set_aside)
+from .sharding import is_sharded, load_trainable_state
 from .wandb_run import GateImages, finish_run, run_identity
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,10 @@ def build_trainer(cfg, output_dir: Path, callbacks=()) -> L.Trainer:
     logger = build_logger(cfg, output_dir)
     if logger:
         cbs.append(LearningRateMonitor(logging_interval="step"))  # lr-AdamW in the logs, every step
+    if tcfg.get("strategy") == "fsdp":  # trainer=fsdp: Lightning's FSDP2 strategy, checkpoints of trainable tensors
+        from .sharding import PrefixFSDPStrategy
+
+        tcfg["strategy"] = PrefixFSDPStrategy()
     return L.Trainer(logger=logger, callbacks=cbs, default_root_dir=str(output_dir), plugins=[SafeCheckpointIO()],
                      **tcfg)
 
@@ -294,6 +300,8 @@ def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from, dataset) -
                     weights_only=True)  # never unpickles code
     except SystemExit as stop:  # SIGTERM (SLURM pre-emption: Lightning's SIGTERMException) or Ctrl-C
         raise interrupted(stop, signals, trainer, output_dir, "training") from None
+    if module.shard_report:  # trainer=fsdp: the memory each rank held of the frozen weights
+        metrics["fsdp"] = module.shard_report
     for k, v in trainer.callback_metrics.items():  # (empty when the checkpoint had finished training already)
         metrics[k] = float(v)
     ckpt_cb = trainer.checkpoint_callback
@@ -302,10 +310,17 @@ def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from, dataset) -
     metrics["output_dir"] = str(output_dir)
     if rank0:
         atomic.write_json(partial, metrics)  # training is done: a kill during the test decode resumes with these
-    if cfg.get("test_after_training") and rank0 and not trainer.interrupted:
+    # the test decode: on rank 0; with a sharded backbone (trainer=fsdp) every rank takes part in every forward
+    # pass, so all ranks decode the same inputs (as the validation decode does) and rank 0 writes the files
+    sharded = is_sharded(module)
+    if cfg.get("test_after_training") and (rank0 or sharded) and not trainer.interrupted:
         with signals.during("the test decode"):
             try:
-                metrics.update(run_test_split(cfg, module, data, best, output_dir))
+                if rank0:
+                    metrics.update(run_test_split(cfg, module, data, best, output_dir))
+                else:
+                    with tempfile.TemporaryDirectory(prefix="prefixtuning-rank") as scratch:
+                        run_test_split(cfg, module, data, best, Path(scratch), primary=False)
             except SystemExit as stop:
                 raise interrupted(stop, signals, trainer, output_dir, "the test decode") from None
     if rank0:
@@ -485,17 +500,25 @@ def preflight_test(cfg, data: PrefixDataModule) -> None:
     print(f"[data] test split {split!r}: {n} inputs", flush=True)
 
 
-def run_test_split(cfg, module: PrefixTuningModule, data: PrefixDataModule, best: str, output_dir: Path) -> dict:
-    """Decode the test split with the best checkpoint's prefix (evaluate.py's code path) and score it."""
+def run_test_split(cfg, module: PrefixTuningModule, data: PrefixDataModule, best: str, output_dir: Path,
+                   primary: bool = True) -> dict:
+    """Decode the test split with the best checkpoint's prefix (evaluate.py's code path) and score it.
+    `primary=False`: another rank of a sharded model, which takes part silently."""
     if best:
         ckpt = read_checkpoint(best)
         module.on_load_checkpoint(ckpt)
-        module.load_state_dict(ckpt["state_dict"], strict=False)
+        if is_sharded(module):  # full tensors into each rank's shards
+            load_trainable_state(module, ckpt["state_dict"])
+        else:
+            module.load_state_dict(ckpt["state_dict"], strict=False)
     split = cfg.get("test_split", "test")
     result = evaluate_model(module.model, data, split, cfg.decoding, output_dir, batch_size=cfg.decoding.batch_size,
-                            progress=bool(cfg.trainer.get("enable_progress_bar", True)),
-                            max_inputs=cfg.get("test_max_inputs"), show_examples=cfg.get("show_examples", 3),
+                            progress=primary and bool(cfg.trainer.get("enable_progress_bar", True)),
+                            max_inputs=cfg.get("test_max_inputs"),
+                            show_examples=cfg.get("show_examples", 3) if primary else 0,
                             stride=cfg.get("test_stride"))
+    if not primary:
+        return {}
     print(f"[test] {split} ({'best checkpoint' if best else 'final weights'}):\n" + format_table(result), flush=True)
     if module.model.method.gated:  # APT's probe on the test inputs: gates_<split>.csv / .png
         groups = select_inputs(data.eval_groups(split), cfg.get("test_max_inputs"), cfg.get("test_stride"))

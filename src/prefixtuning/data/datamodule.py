@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from pathlib import Path
 
@@ -39,6 +39,28 @@ class EpochSeededSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+class ShardedEpochSampler(DistributedSampler):
+    """The data-parallel share of EpochSeededSampler's order: rank r takes positions r, r + world, ... of the
+    epoch's order (the order padded at its end with its first examples to a multiple of the world size, as
+    PyTorch's DistributedSampler pads). So the ranks' k-th batches of b examples together are the k-th batch of
+    b x world examples of a single process with the same seed: DDP and FSDP runs train on the same global
+    batches as one process (Lightning's own wrapper would shuffle the order a second time)."""
+
+    def __init__(self, n: int, seed: int, rank: int, world: int):
+        super().__init__(range(n), num_replicas=world, rank=rank, shuffle=False, seed=seed)
+        self.order = EpochSeededSampler(n, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.order.set_epoch(epoch)
+
+    def __iter__(self):
+        order = list(self.order)
+        while len(order) < self.total_size:
+            order += order[: self.total_size - len(order)]
+        return iter(order[self.rank:self.total_size:self.num_replicas])
 
 
 def build_dataset(cfg):
@@ -98,14 +120,16 @@ class PrefixDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return {}
-        return {"epoch": trainer.current_epoch, "batch_size": int(self.cfg.batch_size),
-                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.completed}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        # the epoch's own length (trainer.limit_train_batches counts), not the data's number of batches
+        return {"epoch": trainer.current_epoch, "batch_size": int(self.cfg.batch_size), "batches_done": done,
+                "epoch_finished": bool(done >= trainer.num_training_batches)}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = None
         done, bs = int(state.get("batches_done", 0)), int(state.get("batch_size", self.cfg.batch_size))
         n_batches = -(-len(self.features("train")) // bs)
-        if not 0 < done < n_batches:
+        if state.get("epoch_finished") or not 0 < done < n_batches:
             return  # an epoch-end checkpoint: the next epoch starts from its beginning
         if bs != int(self.cfg.batch_size):
             raise DataError(f"the checkpoint stopped after {done} batches of {bs} examples, but data.batch_size is "
@@ -187,7 +211,12 @@ class PrefixDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         data = self.features("train")
-        sampler = EpochSeededSampler(len(data), self.seed, self._resume)
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world > 1:  # data parallel (ddp, fsdp): this rank's share of the single-process order
+            sampler = ShardedEpochSampler(len(data), self.seed, trainer.global_rank, world)
+        else:
+            sampler = EpochSeededSampler(len(data), self.seed, self._resume)
         return DataLoader(data, batch_size=self.cfg.batch_size, sampler=sampler,
                           collate_fn=self.collate, num_workers=self.cfg.get("num_workers", 0))
 
