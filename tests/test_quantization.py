@@ -109,3 +109,74 @@ def test_every_method_that_adds_weights_trains_on_a_quantized_base(tmp_path, met
     assert model.backbone.quantization == "int8"
     added = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     assert added and all(p.dtype == torch.float32 for p in added)  # the trained tensors stay float32
+
+
+# ------------------------------------------------------------------ bitsandbytes (quantization_backend=bitsandbytes)
+def test_bitsandbytes_nf4_with_a_prefix_equals_its_dequantized_weights():
+    """NF4 is weight-only: each matmul dequantizes the weight's blocks, so the dequantized-weight oracle is exact
+    up to float order; the weights were loaded straight into 4-bit storage (no float copy held)."""
+    from prefixtuning.quantization import quantized_modules
+
+    quant = load_tiny("llama", quantization="int4", quantization_backend="bitsandbytes")
+    assert quant.quantization_backend == "bitsandbytes"
+    names = quantized_modules(quant.model)
+    assert len(names) == len(targets(load_tiny("llama").model))  # every projection, not the LM head
+    assert all(type(quant.model.get_submodule(n)).__name__ == "Linear4bit" for n in names)
+    oracle = load_tiny("llama", quantization="int4", quantization_backend="bitsandbytes")
+    dequantized_copy(oracle.model)
+    assert not quantized_modules(oracle.model)
+    full = load_tiny("llama")
+    ids, mask = batch(quant.tokenizer, TEXTS)
+    a, ga = _logits_and_grad(_prefixed(quant), ids, mask)
+    b, gb = _logits_and_grad(_prefixed(oracle), ids, mask)
+    c, _ = _logits_and_grad(_prefixed(full), ids, mask)
+    assert (a - b).abs().max().item() <= TOL
+    assert (a - c).abs().max().item() > 100 * TOL
+    for x, y in zip(ga, gb):
+        assert x.abs().sum() > 0 and (x - y).abs().max().item() <= TOL
+
+
+def test_bitsandbytes_int8_is_llm_int8_against_its_explicit_math():
+    """LLM.int8 quantizes the activations too (float16, int8 per row), so the oracle is that explicit math, not
+    the dequantized weight: on activations below the outlier threshold (6.0) the projection equals
+    round(x * 127 / rowmax) @ CB^T * rowmax * SCB / 127^2 within 1e-4, while the weight-only product differs by
+    far more. (Columns above the threshold take bitsandbytes' float16 path, not re-derived here.)"""
+    quant = load_tiny("llama", quantization="int8", quantization_backend="bitsandbytes")
+    m = quant.model.model.layers[0].mlp.down_proj
+    assert type(m).__name__ == "Linear8bitLt" and m.weight.dtype == torch.int8
+    cb = m.weight.data.float()
+    scb = (m.weight.SCB if getattr(m.weight, "SCB", None) is not None else m.state.SCB).float()
+    torch.manual_seed(0)
+    x = torch.randn(5, cb.shape[1]).clamp(-5.5, 5.5)
+    x16 = x.half().float()
+    rowmax = x16.abs().amax(1, keepdim=True)
+    explicit = (torch.round(x16 * 127 / rowmax) @ cb.T) * rowmax * scb[None, :] / 127**2
+    y = m(x).float()
+    assert (y - explicit).abs().max().item() <= 1e-4
+    assert (y - x @ (cb * scb[:, None] / 127).T).abs().max().item() > 10 * 1e-4
+
+
+def test_a_prefix_trains_on_a_bitsandbytes_base_and_loads_on_the_full_precision_base(tmp_path):
+    from prefixtuning.export import export_checkpoint
+
+    metrics = train(compose_cfg(["backbone=tiny-llama", "backbone.quantization=int4",
+                                 "backbone.quantization_backend=bitsandbytes", "trainer=cpu", "optim.epochs=1",
+                                 "trainer.limit_train_batches=2", "test_after_training=false",
+                                 "val_generation.enabled=false", "logger=csv", "trainer.enable_progress_bar=false"],
+                                tmp_path / "run"))
+    assert metrics["val/loss"] < metrics["val/loss_start"]
+    trained, _ = load_trained(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert (trained.backbone.quantization, trained.backbone.quantization_backend) == ("int4", "bitsandbytes")
+    export_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.ckpt"), tmp_path / "export")
+    prefix, _ = load_prefix(tmp_path / "export", load_tiny("llama"))
+    for a, b in zip(prefix.key_values()["decoder"], trained.method.prefix.inference().key_values()["decoder"]):
+        assert torch.equal(a, b.detach())
+
+
+def test_an_absent_quantization_backend_is_named():
+    from prefixtuning.quantization import resolve_backend
+
+    assert resolve_backend("none", "bitsandbytes", on_cuda=True) == "none"
+    assert resolve_backend("int8", "auto", on_cuda=False) == "torchao"
+    with pytest.raises(QuantizationError, match="quantization_backend='gptq'"):
+        resolve_backend("int8", "gptq", on_cuda=False)

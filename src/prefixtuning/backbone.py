@@ -15,7 +15,8 @@ from torch import nn
 
 from .injection import PrefixInjector, UnsupportedArchitecture
 from .local_backbones import BackboneLoadError, build_local, is_local_backbone
-from .quantization import quantize_backbone
+from .quantization import (QuantizationError, bitsandbytes_config, quantize_backbone, quantized_modules,
+                           resolve_backend)
 
 # Config attributes that hold dropout probabilities in the families we support.
 _DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout",
@@ -183,6 +184,7 @@ class Backbone(nn.Module):
         self.tokenizer = tokenizer
         self.name = name
         self.quantization = "none"  # set by load(); not part of the identity (a prefix fits the full-precision model)
+        self.quantization_backend = "none"
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.geometry = Geometry.from_config(model.config)
         for p in self.model.parameters():
@@ -203,7 +205,8 @@ class Backbone(nn.Module):
     @classmethod
     def load(cls, name_or_path: str, *, offline_substitute: str | None = None, cache_dir: str | None = None,
              dtype: str = "float32", dropout: float | None = None, gradient_checkpointing: bool = False,
-             quantization: str = "none", accelerator: str | None = None) -> "Backbone":
+             quantization: str = "none", accelerator: str | None = None,
+             quantization_backend: str = "auto") -> "Backbone":
         """Load `name_or_path` (a hub id, a local directory, or a local backbone such as `tiny-gpt2`) frozen.
 
         offline_substitute: a local backbone used instead when a hub id cannot be loaded (no network, not in
@@ -229,7 +232,7 @@ class Backbone(nn.Module):
                                         f"backbone") from err
             return cls.load(offline_substitute, cache_dir=cache_dir, dtype=dtype, dropout=dropout,
                             gradient_checkpointing=gradient_checkpointing, quantization=quantization,
-                            accelerator=accelerator)
+                            accelerator=accelerator, quantization_backend=quantization_backend)
         if dropout is not None:
             for f in _DROPOUT_FIELDS:
                 if hasattr(config, f):
@@ -238,21 +241,37 @@ class Backbone(nn.Module):
         dtype, why = resolve_dtype(dtype, accelerator)
         if why != "backbone.dtype":
             print(f"[backbone] {why}: {dtype}", flush=True)
+        on_cuda = torch.cuda.is_available() and (accelerator or "auto") in ("auto", "gpu", "cuda")
+        backend = resolve_backend(quantization, quantization_backend, on_cuda)
+        extra = {}
+        if backend == "bitsandbytes":  # loaded straight into quantized storage, on the device it runs on
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if on_cuda else "cpu"
+            extra = {"quantization_config": bitsandbytes_config(quantization, getattr(torch, dtype)),
+                     "device_map": {"": device}}
         try:
-            model = auto.from_pretrained(path, config=config, dtype=getattr(torch, dtype))
+            model = auto.from_pretrained(path, config=config, dtype=getattr(torch, dtype), **extra)
         except OSError as err:
             raise _load_error(path, err) from err
         if tokenizer.pad_token is None:  # GPT-2 ships without one; padded positions are masked anyway
             tokenizer.pad_token = tokenizer.eos_token
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        n = quantize_backbone(model, quantization, name_or_path)
+        if backend == "torchao":
+            n = quantize_backbone(model, quantization, name_or_path)
+        else:
+            n = len(quantized_modules(model))
+            if backend == "bitsandbytes" and not n:
+                raise QuantizationError(f"backbone.quantization={quantization}: bitsandbytes quantized no projection "
+                                        f"of {name_or_path}")
         backbone = cls(model, tokenizer, name_or_path)
         backbone.quantization = quantization
+        backbone.quantization_backend = backend
         backbone.dtype = dtype
         if n:
-            print(f"[backbone] {name_or_path}: {n} linear projections quantized to {quantization} (weight-only, "
-                  f"torchao); embeddings and LM head kept in {dtype}", flush=True)
+            how = {"torchao": "weight-only, torchao", "bitsandbytes": "bitsandbytes, " + (
+                "LLM.int8" if quantization == "int8" else "NF4")}[backend]
+            print(f"[backbone] {name_or_path}: {n} linear projections quantized to {quantization} ({how}); "
+                  f"embeddings and LM head kept in {dtype}", flush=True)
         return backbone
 
     def forward(self, *args, **kwargs):

@@ -27,6 +27,7 @@ from .data.base import DATASETS
 from .initialization import INIT_SETTINGS
 from .lightning_module import SCHEDULES
 from .methods import METHODS
+from .quantization import BACKENDS as QUANTIZATION_BACKENDS
 from .quantization import CHOICES as QUANTIZATION
 from .prefixes import PREFIXES
 from .settings import BOOL, FLOAT, INT, LIST, SPLITS, STR, ConfigError, S, Spec
@@ -52,6 +53,7 @@ def _schema() -> dict[str, Spec]:
         "backbone.dtype": S(STR, choices=("float32", "bfloat16", "float16", "auto")),
         "backbone.dropout": S(FLOAT, null=True, min=0, max=1), "backbone.gradient_checkpointing": S(BOOL),
         "backbone.cache_dir": S(STR, null=True), "backbone.quantization": S(STR, choices=QUANTIZATION),
+        "backbone.quantization_backend": S(STR, choices=QUANTIZATION_BACKENDS),
         "method.kind": S(STR, choices=tuple(METHODS)), "prefix.kind": S(STR, choices=(*PREFIXES, "none")),
         "init.kind": S(STR, choices=(*INIT_SETTINGS, "none")),
         "decoding.num_beams": S(INT, min=1), "decoding.min_new_tokens": S(INT, min=0),
@@ -186,8 +188,8 @@ def _check_sharding(cfg, trainer: dict) -> None:
                           "PyTorch does not have it")
     q = OmegaConf.select(cfg, "backbone.quantization") or "none"
     if q != "none":
-        raise ConfigError(f"trainer=fsdp with backbone.quantization={q}: torchao's quantized weights are tensor "
-                          f"subclasses FSDP2 does not shard; quantize and train on one device per process "
+        raise ConfigError(f"trainer=fsdp with backbone.quantization={q}: quantized weights (torchao tensor "
+                          f"subclasses, bitsandbytes parameters) are not sharded by FSDP2 here; quantize and train on one device per process "
                           f"(trainer=gpu or trainer=ddp), or shard the full-precision backbone "
                           f"(backbone.quantization=none)")
 

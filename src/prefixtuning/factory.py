@@ -29,6 +29,7 @@ def load_backbone(cfg, trained_on: str | None = None) -> Backbone:
                          dtype=b.get("dtype", "float32"), dropout=b.get("dropout"),
                          gradient_checkpointing=b.get("gradient_checkpointing", False),
                          quantization=b.get("quantization", "none"),
+                         quantization_backend=b.get("quantization_backend", "auto"),
                          accelerator=OmegaConf.select(cfg, "trainer.accelerator"))
 
 
