@@ -1,6 +1,6 @@
 """Turn a sweep into the paper's tables and figures.
 
-    python -m prefixtuning.report <multirun dir | run dirs...> [--out DIR]
+    python -m prefixtuning.report <multirun dir | run dirs...> [--out DIR] [--compare KEY=VALUE]
 
 One row per job, read from its `metrics.json` and its Hydra overrides (`.hydra/overrides.yaml`). The keys
 whose values differ between jobs are the swept keys; `seed` and `lowres.sample` are replicates: jobs that
@@ -14,6 +14,12 @@ dropped. Writes to `--out` (default `<first dir>/report`):
                  sweep, seen / unseen / all columns for WebNLG-style subsets), then jobs without results
   *.png          figures where the sweep has them: metric vs training size (one line per method, error
                  bars = std), metric vs prefix length, initialization strategies, APT gate heatmaps
+  significance.csv / .md   with --compare KEY=VALUE (e.g. --compare row=replay_prefix): every other value of
+                 KEY against that baseline, jobs paired by their replicate values (seed, lowres.sample) and
+                 the other swept keys, on the same test inputs: for every resampleable corpus metric the
+                 difference, its 95% paired-bootstrap interval and p (inputs of all pairs pooled), the
+                 approximate-randomization p, each pair's difference with a sign count, and the verdict
+                 "differs (p < 0.05)" / "not separable" (significance.py)
 
 Experiment files run this at the end of their multirun (`ReportCallback`).
 """
@@ -251,7 +257,118 @@ def figures(rows: list[dict], keys: list[str], jobs: list[Job], out: Path, metri
     return made
 
 
-def report(paths: list[Path], out: Path | None = None, metric: str | None = None) -> dict:
+class CompareError(SystemExit):
+    pass
+
+
+def _predictions(job: Job) -> tuple[str, list[str], list[str], list[list[str]]] | str:
+    """(task, inputs, predictions, references) of a job's test decode, or why there are none."""
+    f = job.folder / "predictions_test.jsonl"
+    cfg = job.folder / "config.yaml"
+    if not f.is_file() or not cfg.is_file():
+        return f"no {f.name if not f.is_file() else cfg.name}"
+    task = OmegaConf.select(OmegaConf.load(cfg), "data.name")
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return task, [r["input"] for r in rows], [r["prediction"] for r in rows], [r["references"] for r in rows]
+
+
+def compare(jobs: list[Job], keys: list[str], baseline: str, resamples: int = 1000, trials: int = 10000,
+            seed: int = 12345) -> list[dict]:
+    """Every other value of KEY against KEY=VALUE: paired tests over the test inputs (significance.py)."""
+    from . import significance as S
+
+    key, sep, value = baseline.partition("=")
+    if not sep or key not in keys:
+        raise CompareError(f"error: --compare {baseline}: give KEY=VALUE with KEY one of the swept keys "
+                           f"({', '.join(keys) or 'none'})")
+    others = [k for k in keys if k not in REPLICATES and k != key]
+    reps = [k for k in keys if k in REPLICATES]
+    ok = [j for j in jobs if j.status == "ok"]
+    base = {(tuple(j.overrides.get(o) for o in others), tuple(j.overrides.get(r) for r in reps)): j
+            for j in ok if j.overrides.get(key) == value}
+    if not base:
+        raise CompareError(f"error: --compare {baseline}: no finished job has {key}={value} (values: "
+                           f"{', '.join(sorted({str(j.overrides.get(key)) for j in ok}))})")
+    cache: dict = {}
+
+    def decoded(j):
+        if j.folder not in cache:
+            cache[j.folder] = _predictions(j)
+        return cache[j.folder]
+
+    out = []
+    cells = sorted({(j.overrides.get(key), tuple(j.overrides.get(o) for o in others)) for j in ok
+                    if j.overrides.get(key) != value}, key=lambda c: [_sort_key(str(x)) for x in (c[0], *c[1])])
+    for val, other in cells:
+        pairs, problems = [], []
+        for j in ok:
+            if j.overrides.get(key) != val or tuple(j.overrides.get(o) for o in others) != other:
+                continue
+            rep = tuple(j.overrides.get(r) for r in reps)
+            b = base.get((other, rep))
+            if b is None:
+                problems.append(f"{j.folder.name}: no baseline job with {', '.join(f'{r}={v}' for r, v in zip(reps, rep)) or 'the same settings'}")
+                continue
+            da, db = decoded(b), decoded(j)
+            if isinstance(da, str) or isinstance(db, str):
+                problems.append(f"{j.folder.name}: {db if isinstance(db, str) else da}")
+                continue
+            if da[0] != db[0] or da[1] != db[1]:
+                problems.append(f"{j.folder.name}: not decoded on the baseline's test inputs")
+                continue
+            pairs.append((rep, da, db))
+        row = {key: val, **dict(zip(others, other)), "pairs": len(pairs), "problems": problems, "metrics": {}}
+        if pairs:
+            task = pairs[0][1][0]
+            per = [(rep, S.task_metrics(task, da[2], da[3]), S.task_metrics(task, db[2], db[3]))
+                   for rep, da, db in pairs]
+            for name in per[0][1]:
+                a_all = S.pooled([ma[name] for _, ma, _ in per])
+                b_all = S.pooled([mb[name] for _, _, mb in per])
+                boot = S.paired_bootstrap(a_all, b_all, resamples, seed)
+                each = [mb[name].corpus() - ma[name].corpus() for _, ma, mb in per]
+                row["metrics"][f"test/{name}"] = {
+                    **boot, "p_ar": S.approximate_randomization(a_all, b_all, trials, seed),
+                    "per_pair": each, "signs": (sum(d > 0 for d in each), sum(d < 0 for d in each),
+                                                sum(d == 0 for d in each)),
+                    "higher_is_better": a_all.higher_is_better, "verdict": S.verdict(boot["p"])}
+            row["not_resampled"] = [f"test/{m}" for m in S.NOT_RESAMPLED.get(task, ())]
+        out.append(row)
+    return out
+
+
+def significance_markdown(rows: list[dict], key: str, baseline: str, others: list[str]) -> str:
+    lines = [f"Paired tests against {baseline} (B = the row, A = the baseline; same test inputs, jobs paired by "
+             f"{', '.join(REPLICATES)}; inputs of all pairs pooled; paired bootstrap 95% interval and p, approximate "
+             f"randomization p; signs = pairs where B - A > 0 / < 0 / = 0):", "",
+             "| " + " | ".join([key, *others, "metric", "pairs", "B - A", "95% interval", "p (bootstrap)",
+                                "p (AR)", "per pair B - A", "signs +/-/=", "verdict"]) + " |",
+             "|" + "---|" * (len(others) + 10)]
+    notes = []
+    for r in rows:
+        head = [str(r[key]), *(str(r[o]) for o in others)]
+        if not r["metrics"]:
+            lines.append("| " + " | ".join(head + ["-", str(r["pairs"]), "", "", "", "", "", "", "no paired jobs"]) + " |")
+        for m, t in r["metrics"].items():
+            lines.append("| " + " | ".join(head + [
+                m.removeprefix("test/"), str(r["pairs"]), f"{t['delta']:+.4f}", f"[{t['low']:+.4f}, {t['high']:+.4f}]",
+                f"{t['p']:.4f}", f"{t['p_ar']:.4f}", " ".join(f"{d:+.4f}" for d in t["per_pair"]),
+                "/".join(str(x) for x in t["signs"]), t["verdict"]]) + " |")
+        notes += [f"- {r[key]}: {p}" for p in r["problems"]]
+    nr = sorted({m for r in rows for m in r.get("not_resampled", [])})
+    foot = ""
+    if nr:
+        foot += (f"\nNot tested (their official scorers are not decomposable into per-input statistics here): "
+                 f"{', '.join(nr)}.")
+    if any(t.get("higher_is_better") is False for r in rows for t in r["metrics"].values()):
+        foot += "\nTER: lower is better (a negative B - A is a gain)."
+    if notes:
+        foot += "\n\nJobs left out of the comparison:\n" + "\n".join(notes)
+    return "\n".join(lines) + "\n" + foot + "\n"
+
+
+def report(paths: list[Path], out: Path | None = None, metric: str | None = None,
+           baseline: str | None = None) -> dict:
     jobs = find_jobs(paths)
     keys = swept_keys(jobs)
     rows = group(jobs, keys)
@@ -273,7 +390,24 @@ def report(paths: list[Path], out: Path | None = None, metric: str | None = None
             w.writerow([*(r[k] for k in by), r["n"], *(x for m in stats for x in (r[m][:2] if m in r else ("", "")))])
     atomic.write_text(out / "summary.md", markdown(rows, keys, jobs))
     made = figures(rows, keys, jobs, out, metric)
-    return {"out": out, "jobs": jobs, "swept": keys, "rows": rows, "figures": made}
+    result = {"out": out, "jobs": jobs, "swept": keys, "rows": rows, "figures": made}
+    if baseline:
+        cmp_rows = compare(jobs, keys, baseline)
+        key = baseline.partition("=")[0]
+        others = [k for k in keys if k not in REPLICATES and k != key]
+        with atomic.atomic_path(out / "significance.csv") as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow([key, *others, "metric", "pairs", "a", "b", "delta", "low", "high", "p_bootstrap", "p_ar",
+                        "resamples", "seed", "inputs", "per_pair", "signs", "verdict"])
+            for r in cmp_rows:
+                for m, t in r["metrics"].items():
+                    w.writerow([r[key], *(r[o] for o in others), m, r["pairs"], t["a"], t["b"], t["delta"], t["low"],
+                                t["high"], t["p"], t["p_ar"], t["resamples"], t["seed"], t["inputs"],
+                                " ".join(f"{d:.6f}" for d in t["per_pair"]), "/".join(map(str, t["signs"])),
+                                t["verdict"]])
+        atomic.write_text(out / "significance.md", significance_markdown(cmp_rows, key, baseline, others))
+        result["significance"] = cmp_rows
+    return result
 
 
 class ReportCallback(Callback):
@@ -299,14 +433,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--metric", default=None, help=f"the metric the figures plot (default: the first of "
                                                    f"{', '.join(MAIN_METRICS)} the jobs have)")
+    ap.add_argument("--compare", default=None, metavar="KEY=VALUE",
+                    help="paired significance of every other value of KEY against this baseline, e.g. "
+                         "row=replay_prefix (significance.csv / .md)")
     args = ap.parse_args(argv)
-    r = report(args.paths, args.out, args.metric)
+    r = report(args.paths, args.out, args.metric, args.compare)
     missing = [j for j in r["jobs"] if j.status != "ok"]
     print(f"[report] {len(r['jobs'])} jobs, swept {', '.join(r['swept']) or 'nothing'}; {len(r['rows'])} groups -> "
           f"{r['out']}", flush=True)
     for j in missing:
         print(f"[report] without results: {j.folder}: {j.status}", flush=True)
     print((r["out"] / "summary.md").read_text())
+    if args.compare:
+        print((r["out"] / "significance.md").read_text())
     return 0
 
 

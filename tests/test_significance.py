@@ -1,0 +1,147 @@
+"""Paired significance tests (src/prefixtuning/significance.py) against independent computations:
+- the decomposed corpus metrics score the whole set exactly as the official-equal scorers do;
+- paired bootstrap and approximate randomization equal sacreBLEU's own (`paired_bs`, `paired_ar`) given
+  sacreBLEU's BLEU statistics and the same seed;
+- the bootstrap interval equals a direct computation from the same resampled indices, and a constructed case
+  with a known answer comes out as it must.
+"""
+
+import numpy as np
+import pytest
+
+from prefixtuning import significance as S
+from prefixtuning.metrics.ngram import mteval_bleu_nist
+from prefixtuning.metrics.ngram import multi_bleu as official_multi_bleu
+from prefixtuning.metrics.ter import corpus_ter, ter_segment_stats
+
+REFS = [["the cat sat on the mat", "a cat was sitting on the mat"],
+        ["there is a pub near the river", "a pub by the river"],
+        ["Blue Spice is a cheap coffee shop", "Blue Spice serves cheap coffee"],
+        ["the Mill is a family friendly pub", "the Mill pub is family friendly"],
+        ["Aromi is a coffee shop in the city centre", "in the city centre there is Aromi, a coffee shop"],
+        ["The Vaults is an expensive restaurant", "The Vaults is a pricey place to eat"]] * 5
+A = ["the cat sat on a mat", "a pub near the river", "Blue Spice is a coffee shop", "the Mill is a pub",
+     "Aromi is a shop in the centre", "The Vaults is a restaurant"] * 5
+B = ["the cat sat on the mat", "there is a pub near the river", "Blue Spice is a cheap coffee shop",
+     "the Mill is a family friendly pub", "Aromi is a coffee shop in the city centre",
+     "The Vaults is an expensive restaurant"] * 5
+B_MIXED = [b if i % 3 else a for i, (a, b) in enumerate(zip(A, B))]
+
+
+def test_decomposed_metrics_equal_the_official_scores():
+    assert S.e2e_bleu(A, REFS).corpus() == pytest.approx(mteval_bleu_nist(A, REFS)["BLEU"], abs=1e-12)
+    files = [[g[k] for g in REFS] for k in range(2)]
+    for lc in (True, False):
+        assert S.multi_bleu(A, files, lc).corpus() == pytest.approx(official_multi_bleu(A, files, lc)["BLEU"],
+                                                                      abs=1e-9)
+    assert S.ter(A, REFS).corpus() == pytest.approx(corpus_ter(ter_segment_stats(A, REFS)), abs=1e-12)
+    # a subset of rows is the official score of that subset
+    rows = [0, 3, 4, 9, 17]
+    assert S.e2e_bleu(A, REFS).corpus(rows) == pytest.approx(
+        mteval_bleu_nist([A[i] for i in rows], [REFS[i] for i in rows])["BLEU"], abs=1e-12)
+
+
+def _sacrebleu_pair(hyps_a, hyps_b):
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU()
+    refs = [[g[k] for g in REFS] for k in range(2)]
+    sa, sb = (bleu._extract_corpus_statistics(h, refs) for h in (hyps_a, hyps_b))
+    score = lambda s: bleu._compute_score_from_stats(list(s)).score  # noqa: E731
+    da = S.Decomposed("BLEU", np.array(sa, dtype=float), score)
+    db = S.Decomposed("BLEU", np.array(sb, dtype=float), score)
+    return bleu, refs, da, db
+
+
+@pytest.mark.parametrize("hyps_b", [B, B_MIXED], ids=["clearly-better", "mixed"])
+def test_paired_bootstrap_and_randomization_equal_sacrebleu(hyps_b):
+    from sacrebleu.significance import _paired_ar_test, _paired_bs_test
+
+    bleu, refs, da, db = _sacrebleu_pair(A, hyps_b)
+    base = {"BLEU": (np.array(da.stats, dtype="float32"), bleu.corpus_score(A, refs))}
+    _, bs = _paired_bs_test(base, "b", hyps_b, refs, {"BLEU": bleu}, n_samples=1000, seed=7)
+    ours = S.paired_bootstrap(da, db, n_resamples=1000, seed=7)
+    assert ours["p"] == bs["BLEU"].p_value
+    assert ours["b"] == pytest.approx(bs["BLEU"].score)
+    _, ar = _paired_ar_test(base, "b", hyps_b, refs, {"BLEU": bleu}, n_samples=2000, seed=7)
+    assert S.approximate_randomization(da, db, trials=2000, seed=7) == ar["BLEU"].p_value
+
+
+def test_the_bootstrap_interval_is_the_percentiles_of_the_resampled_differences():
+    a, b = S.e2e_bleu(A, REFS), S.e2e_bleu(B_MIXED, REFS)
+    r = S.paired_bootstrap(a, b, n_resamples=500, seed=3)
+    idx = np.random.default_rng(3).choice(len(A), size=(500, len(A)), replace=True)
+    by_hand = [mteval_bleu_nist([B_MIXED[i] for i in rows], [REFS[i] for i in rows])["BLEU"]
+               - mteval_bleu_nist([A[i] for i in rows], [REFS[i] for i in rows])["BLEU"] for rows in idx[:40]]
+    diffs = [b.corpus(rows) - a.corpus(rows) for rows in idx]
+    assert diffs[:40] == pytest.approx(by_hand, abs=1e-12)
+    assert (r["low"], r["high"]) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
+    assert r["delta"] == pytest.approx(mteval_bleu_nist(B_MIXED, REFS)["BLEU"] - mteval_bleu_nist(A, REFS)["BLEU"])
+
+
+def test_a_system_against_itself_is_not_separable_and_a_clear_gain_is():
+    a = S.e2e_bleu(A, REFS)
+    same = S.paired_bootstrap(a, S.e2e_bleu(A, REFS))
+    assert same["delta"] == 0 and same["low"] == same["high"] == 0 and same["p"] == 1.0
+    assert S.verdict(same["p"]) == "not separable"
+    assert S.approximate_randomization(a, S.e2e_bleu(A, REFS), trials=500) == 1.0
+    gain = S.paired_bootstrap(a, S.e2e_bleu(B, REFS))
+    assert gain["low"] > 0 and gain["p"] < 0.05 and S.verdict(gain["p"]) == "differs (p < 0.05)"
+    assert S.approximate_randomization(a, S.e2e_bleu(B, REFS), trials=2000) < 0.05
+
+
+def test_different_inputs_are_refused():
+    with pytest.raises(ValueError, match="same inputs"):
+        S.paired_bootstrap(S.e2e_bleu(A, REFS), S.e2e_bleu(A[:6], REFS[:6]))
+
+
+# ------------------------------------------------------------------ the report, as a user runs it
+def _job(folder, overrides: dict, hyps, refs, task="e2e"):
+    import json
+
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {k}={v}\n" for k, v in overrides.items()))
+    (folder / "config.yaml").write_text(f"data:\n  name: {task}\n")
+    score = mteval_bleu_nist(hyps, refs)["BLEU"]
+    (folder / "metrics.json").write_text(json.dumps({"test/BLEU": score}))
+    (folder / "predictions_test.jsonl").write_text("".join(
+        json.dumps({"index": i, "input": f"mr {i}", "prediction": h, "references": r}) + "\n"
+        for i, (h, r) in enumerate(zip(hyps, refs))))
+
+
+def test_report_compare_prints_paired_differences_intervals_and_p(tmp_path):
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    sweep = tmp_path / "sweep"
+    systems = {"base": [A, A[6:] + A[:6], A], "better": [B, B, B_MIXED], "same": [A, A[6:] + A[:6], A]}
+    k = 0
+    for row, samples in systems.items():
+        for sample, hyps in enumerate(samples):
+            _job(sweep / str(k), {"row": row, "lowres.sample": sample}, hyps, REFS)
+            k += 1
+    r = subprocess.run([sys.executable, "-m", "prefixtuning.report", str(sweep), "--compare", "row=base"],
+                       cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Paired tests against row=base" in r.stdout and "differs (p < 0.05)" in r.stdout
+    rows = {x["row"]: x for x in csv.DictReader(open(sweep / "report" / "significance.csv"))}
+    assert set(rows) == {"better", "same"}
+    # the pooled test equals significance.py on the stacked inputs of the three pairs
+    a = S.pooled([S.e2e_bleu(h, REFS) for h in systems["base"]])
+    b = S.pooled([S.e2e_bleu(h, REFS) for h in systems["better"]])
+    want = S.paired_bootstrap(a, b)
+    got = rows["better"]
+    assert float(got["delta"]) == pytest.approx(want["delta"]) and float(got["p_bootstrap"]) == want["p"]
+    assert (float(got["low"]), float(got["high"])) == pytest.approx((want["low"], want["high"]))
+    assert float(got["p_ar"]) == S.approximate_randomization(a, b)
+    assert got["signs"] == "3/0/0" and got["pairs"] == "3" and got["verdict"] == "differs (p < 0.05)"
+    assert rows["same"]["verdict"] == "not separable" and float(rows["same"]["p_bootstrap"]) == 1.0
+    assert "Not tested" in (sweep / "report" / "significance.md").read_text()  # METEOR, CIDEr, ...
+    bad = subprocess.run([sys.executable, "-m", "prefixtuning.report", str(sweep), "--compare", "prefix=static"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "give KEY=VALUE with KEY one of the swept keys (lowres.sample, row)" in bad.stderr
