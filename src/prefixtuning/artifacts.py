@@ -138,3 +138,15 @@ def check_tensor_names(source: str, got, expected, what: str) -> None:
     if got != expected:
         raise IdentityMismatch(f"{source} holds tensors that do not match {what} (missing: "
                                f"{sorted(expected - got)[:5]}, unexpected: {sorted(got - expected)[:5]})")
+
+
+def trainable_keys(module) -> set[str]:
+    """State-dict keys of the tensors that train: what checkpoints and exports hold, for every method."""
+    return {name for name, p in module.named_parameters() if p.requires_grad}
+
+
+def check_checkpoint(checkpoint: dict, module, source: str = "checkpoint") -> None:
+    """Fail with a sentence when a checkpoint belongs to another backbone, method or geometry, or holds other
+    tensors than the ones that train here."""
+    check_identity(source, checkpoint_record(checkpoint, source), module.identity())
+    check_tensor_names(source, checkpoint["state_dict"], trainable_keys(module), "this model's trainable tensors")

@@ -29,6 +29,7 @@ from .lightning_module import SCHEDULES
 from .methods import METHODS
 from .quantization import BACKENDS as QUANTIZATION_BACKENDS
 from .quantization import CHOICES as QUANTIZATION
+from .sharding import fsdp_available
 from .prefixes import PREFIXES
 from .settings import BOOL, FLOAT, INT, LIST, SPLITS, STR, ConfigError, S, Spec
 
@@ -181,8 +182,6 @@ def _check_sharding(cfg, trainer: dict) -> None:
     """trainer=fsdp (strategy fsdp) with what it cannot shard: refused before any work."""
     if trainer.get("strategy") != "fsdp":
         return
-    from .sharding import fsdp_available
-
     if not fsdp_available():
         raise ConfigError("trainer.strategy=fsdp needs torch.distributed.fsdp.fully_shard (PyTorch >= 2.6); this "
                           "PyTorch does not have it")

@@ -9,19 +9,14 @@ import torch
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from .errors import UserError
-from .artifacts import IdentityMismatch, check_identity, check_tensor_names, checkpoint_record
+from .artifacts import IdentityMismatch, check_checkpoint, trainable_keys  # noqa: F401 (re-exported)
 from .model import PrefixTuningModel
+from .sharding import CHECKED_BY_STRATEGY, PrefixFSDPStrategy, is_sharded, shard_model
 
 BACKBONE_KEY = "model.backbone."
-CHECKED_BY_STRATEGY = "_prefixtuning_checked"
 # optim.schedule: after `warmup_steps` of linear warm-up, decay linearly to 0 at the last step (the paper's),
 # or keep the learning rate constant
 SCHEDULES = ("linear", "constant")
-
-
-def trainable_keys(module) -> set[str]:
-    """State-dict keys of the tensors that train: what checkpoints and exports hold, for every method."""
-    return {name for name, p in module.named_parameters() if p.requires_grad}
 
 
 # A checkpoint of another backbone, geometry or method (the one identity error of artifacts.py).
@@ -57,8 +52,6 @@ class PrefixTuningModule(L.LightningModule):
 
     def configure_model(self):
         """trainer=fsdp: shard the backbone (sharding.py) once the processes are up; a no-op otherwise."""
-        from .sharding import PrefixFSDPStrategy, is_sharded, shard_model
-
         if isinstance(self._trainer and self.trainer.strategy, PrefixFSDPStrategy) and not is_sharded(self.model):
             self.shard_report = shard_model(self.model, self.device_mesh["data_parallel"])
             if self.global_rank == 0:
@@ -195,10 +188,3 @@ def _set_rng(rng: dict) -> None:
 
 def _as_tuple(x):
     return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
-
-
-def check_checkpoint(checkpoint: dict, module: PrefixTuningModule, source: str = "checkpoint") -> None:
-    """Fail with a sentence when a checkpoint belongs to another backbone, method or geometry, or holds other
-    tensors than the ones that train here."""
-    check_identity(source, checkpoint_record(checkpoint, source), module.identity())
-    check_tensor_names(source, checkpoint["state_dict"], trainable_keys(module), "this model's trainable tensors")

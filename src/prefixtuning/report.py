@@ -38,6 +38,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from . import atomic
+from . import significance as S
 
 REPLICATES = ("seed", "lowres.sample")
 # the task metric a figure plots, in order of preference
@@ -275,8 +276,6 @@ def _predictions(job: Job) -> tuple[str, list[str], list[str], list[list[str]]] 
 def compare(jobs: list[Job], keys: list[str], baseline: str, resamples: int = 1000, trials: int = 10000,
             seed: int = 12345) -> list[dict]:
     """Every other value of KEY against KEY=VALUE: paired tests over the test inputs (significance.py)."""
-    from . import significance as S
-
     key, sep, value = baseline.partition("=")
     if not sep or key not in keys:
         raise CompareError(f"error: --compare {baseline}: give KEY=VALUE with KEY one of the swept keys "

@@ -22,7 +22,11 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from .artifacts import check_checkpoint, read_checkpoint
 from .errors import UserError
+
+# set on a checkpoint this strategy loaded: its tensors were checked before they went into the shards
+CHECKED_BY_STRATEGY = "_prefixtuning_checked"
 
 
 class ShardingError(UserError):
@@ -183,9 +187,6 @@ class PrefixFSDPStrategy(ModelParallelStrategy):
         every other mode first (backbone, geometry, method, tensor names), then the tensors, then the optimizer
         state (numbered as a single process numbers it)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        from .artifacts import read_checkpoint
-        from .lightning_module import CHECKED_BY_STRATEGY, check_checkpoint
 
         module = self.lightning_module
         checkpoint = read_checkpoint(checkpoint_path)

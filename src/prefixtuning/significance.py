@@ -33,6 +33,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .metrics.ngram import _closest, mteval_tokens, ngrams
+from .metrics.tasks import groups_from_files, webnlg_normalize
+from .metrics.ter import corpus_ter, ter_segment_stats
 
 SEED = 12345  # sacreBLEU's default
 BOOTSTRAP_RESAMPLES = 1000
@@ -98,8 +100,6 @@ def multi_bleu(hyps: Sequence[str], ref_files: Sequence[Sequence[str]], lowercas
 
 
 def ter(hyps: Sequence[str], groups: Sequence[Sequence[str]], name: str = "TER") -> Decomposed:
-    from .metrics.ter import corpus_ter, ter_segment_stats
-
     rows = np.array([[e, r] for e, r in ter_segment_stats(hyps, groups)], dtype=float).reshape(-1, 2)
     return Decomposed(name, rows, lambda s: corpus_ter([(s[0], s[1])]), higher_is_better=False)
 
@@ -115,8 +115,6 @@ def task_metrics(task: str, hyps: Sequence[str], refs: Sequence[Sequence[str]]) 
     if task == "e2e":
         return {"BLEU": e2e_bleu(hyps, refs)}
     if task in ("webnlg", "dart"):
-        from .metrics.tasks import groups_from_files, webnlg_normalize
-
         files = [[g[k] if k < len(g) else "" for g in refs] for k in range(3)]
         groups = groups_from_files(files)
         if task == "webnlg":

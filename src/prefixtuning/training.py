@@ -45,7 +45,7 @@ from .metrics import java
 from .model import TunedModel
 from .resume import (HISTORY, INTERRUPTED, PARTIAL, ContinuingCSVLogger, ResumeError, plan_run,
                      set_aside)
-from .sharding import is_sharded, load_trainable_state
+from .sharding import PrefixFSDPStrategy, is_sharded, load_trainable_state
 from .wandb_run import GateImages, finish_run, run_identity
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,6 @@ def build_trainer(cfg, output_dir: Path, callbacks=()) -> L.Trainer:
     if logger:
         cbs.append(LearningRateMonitor(logging_interval="step"))  # lr-AdamW in the logs, every step
     if tcfg.get("strategy") == "fsdp":  # trainer=fsdp: Lightning's FSDP2 strategy, checkpoints of trainable tensors
-        from .sharding import PrefixFSDPStrategy
-
         tcfg["strategy"] = PrefixFSDPStrategy()
     return L.Trainer(logger=logger, callbacks=cbs, default_root_dir=str(output_dir), plugins=[SafeCheckpointIO()],
                      **tcfg)
