@@ -12,10 +12,12 @@ products (no AVX512-BF16 / AMX) a bfloat16 backward pass is tens of times slower
 2. Peak memory: each variant in its own process (load, 3 train steps, one greedy decode): the process's peak
    resident set (ru_maxrss), so the numbers do not mix.
 3. Speed: train step (batch 8 of the E2E sample, static prefix P=5, AdamW on the prefix) and greedy decoding
-   (batch 8 x 32 new tokens), the three variants interleaved (A B C A B C ...) in one process; median, spread,
+   (batch 8 x 32 new tokens), the variants interleaved (A B C A B C ...) in one process; median, spread,
    ratio to bf16, and the loss of each step on the same batch.
-4. --bleu: `python train.py trainer=cpu backbone.quantization=<v>` (the embedded default's recipe) for each
-   variant, one run each (n = 1), with its test metrics and wall time.
+4. --bleu: `python train.py trainer=cpu backbone.quantization=<v>` (the embedded default's recipe) for the
+   torchao variants, one run each (n = 1), with its test metrics and wall time.
+Variants: none; int8 / int4 through torchao (weight-only, quantized in place after a full-precision load);
+bnb-int8 / bnb-int4 through bitsandbytes (LLM.int8 / NF4, loaded straight into quantized storage).
 """
 
 from __future__ import annotations
@@ -46,23 +48,48 @@ from prefixtuning.model import PrefixTuningModel  # noqa: E402
 from prefixtuning.prefixes import build_prefix  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-VARIANTS = ("none", "int8", "int4")
+# torchao (weight-only; full-precision load, then quantized in place) and bitsandbytes (loaded straight into
+# quantized storage: LLM.int8 and NF4)
+VARIANTS = ("none", "int8", "int4", "bnb-int8", "bnb-int4")
+BLEU_VARIANTS = ("none", "int8", "int4")
+
+
+def backbone_settings(variant: str) -> dict:
+    if variant.startswith("bnb-"):
+        return {"quantization": variant.removeprefix("bnb-"), "quantization_backend": "bitsandbytes"}
+    return {"quantization": variant, "quantization_backend": "torchao"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def stored_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor holds; a torchao tensor subclass: the sum of its inner tensors (data, scales, ...)."""
-    if type(t) in (torch.Tensor, torch.nn.Parameter):
-        return t.numel() * t.element_size()
-    names, _ = t.__tensor_flatten__()
-    return sum(stored_bytes(getattr(t, n)) for n in names)
+    """Bytes a tensor holds: a torchao tensor subclass: the sum of its inner tensors (data, scales, ...); a
+    bitsandbytes NF4 parameter: its packed data plus its block scales."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(stored_bytes(getattr(t, n)) for n in names)
+    n = t.numel() * t.element_size()
+    qs = getattr(t, "quant_state", None)
+    if qs is not None:
+        n += qs.absmax.numel() * qs.absmax.element_size()
+    return n
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Every weight as stored, plus bitsandbytes' int8 row scales (kept on the module, not the parameter)."""
+    total = 0
+    for m in model.modules():
+        total += sum(stored_bytes(p) for p in m.parameters(recurse=False))
+        scb = getattr(getattr(m, "state", None), "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            total += scb.numel() * scb.element_size()
+    return total
 
 
 DTYPE = "float32"
 
 
 def build(variant: str):
-    bb = Backbone.load(SMOLLM2_135M_Q4.name, dtype=DTYPE, quantization=variant)
+    bb = Backbone.load(SMOLLM2_135M_Q4.name, dtype=DTYPE, **backbone_settings(variant))
     torch.manual_seed(0)
     prefix = build_prefix({"kind": "static", "length": 5}, bb.geometry)
     initialize_prefix({"kind": "task_words", "text": "table-to-text:"}, prefix, bb)
@@ -92,14 +119,14 @@ def one(variant: str, batch_size: int) -> None:
     for _ in range(3):
         step(model, opt, batch)
     decode(model, "fp32", prompts, max_new_tokens=32, min_new_tokens=32)
-    weights = sum(stored_bytes(p) for p in model.backbone.model.parameters())
+    weights = model_bytes(model.backbone.model)
     print(json.dumps({"variant": variant, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "weight_mib": weights / 2**20}))
 
 
 def bleu_runs() -> list[dict]:
     out = []
-    for v in VARIANTS:
+    for v in BLEU_VARIANTS:
         run = Path(tempfile.mkdtemp(prefix=f"quant-{v}-"))
         t = time.time()
         proc = subprocess.run([sys.executable, "train.py", "trainer=cpu", f"backbone.quantization={v}",

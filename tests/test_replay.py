@@ -86,3 +86,11 @@ def test_replay_multirun_and_report(tmp_path, name):
         assert all(j["test/seen/BLEU"] != "" and j["test/unseen/BLEU"] != "" for j in jobs)
     if name == "replay_lowdata":
         assert {j["row"] for j in jobs} == {"prefix_static", "ft"}
+    compare = OmegaConf.select(OmegaConf.load(ROOT / "conf" / "experiment" / f"{name}.yaml"),
+                               "hydra.callbacks.report.compare")
+    if compare:  # the paired tests against the study's baseline, from the same report
+        key, value = compare.split("=", 1)
+        rows = list(csv.DictReader(open(report / "significance.csv")))
+        assert {r[key] for r in rows} == set(params[key]) - {value}, rows
+        assert all(r["verdict"] in ("not separable", "differs (p < 0.05)") and r["pairs"] == "1" for r in rows)
+        assert "Paired tests against " + compare in (report / "significance.md").read_text()

@@ -411,12 +411,16 @@ def report(paths: list[Path], out: Path | None = None, metric: str | None = None
 
 class ReportCallback(Callback):
     """Hydra callback: `hydra.callbacks.report._target_=prefixtuning.report.ReportCallback` runs the report
-    on the sweep folder when a multirun ends and prints where the tables and figures are."""
+    on the sweep folder when a multirun ends and prints where the tables and figures are; `compare: KEY=VALUE`
+    adds the paired significance tests against that baseline (significance.csv / .md)."""
+
+    def __init__(self, compare: str | None = None):
+        self.compare = compare
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
         try:
-            r = report([sweep])
+            r = report([sweep], baseline=self.compare)
         except SystemExit as err:
             print(f"[report] {err}", flush=True)
             return
