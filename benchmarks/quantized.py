@@ -76,9 +76,12 @@ def stored_bytes(t: torch.Tensor) -> int:
 
 def model_bytes(model: torch.nn.Module) -> int:
     """Every weight as stored, plus bitsandbytes' int8 row scales (kept on the module, not the parameter)."""
-    total = 0
+    total, seen = 0, set()
     for m in model.modules():
-        total += sum(stored_bytes(p) for p in m.parameters(recurse=False))
+        for p in m.parameters(recurse=False):
+            if id(p) not in seen:  # a tied weight (embeddings = LM head) once
+                seen.add(id(p))
+                total += stored_bytes(p)
         scb = getattr(getattr(m, "state", None), "SCB", None)
         if isinstance(scb, torch.Tensor):
             total += scb.numel() * scb.element_size()

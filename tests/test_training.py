@@ -176,8 +176,8 @@ def test_ddp_on_cpu_through_the_cli(tmp_path):
     from conftest import ROOT
 
     out = tmp_path / "ddp"
-    cmd = [sys.executable, str(ROOT / "train.py"), "trainer=cpu", "trainer.devices=2", "+trainer.strategy=ddp",
-           "debug=smoke", "trainer.enable_progress_bar=false", f"hydra.run.dir={out}"]
+    cmd = [sys.executable, str(ROOT / "train.py"), "backbone=tiny-gpt2", "trainer=cpu", "trainer.devices=2",
+           "+trainer.strategy=ddp", "debug=smoke", "trainer.enable_progress_bar=false", f"hydra.run.dir={out}"]
     subprocess.run(cmd, check=True, cwd=ROOT, env=os.environ.copy(), timeout=600)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val/loss"] < metrics["val/loss_start"]

@@ -37,6 +37,17 @@ class _QuietTorchaoRegistration(logging.Filter):
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").addFilter(_QuietTorchaoRegistration())
 
+
+class _QuietInt8Cast(logging.Filter):
+    """bitsandbytes' LLM.int8 logs that it casts float32 inputs to float16 in every matmul of every step
+    (thousands of lines per run); the backbone's load line says it once instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_QuietInt8Cast())
+
 # The paper's low-data runs train for 200 steps at sizes 50/100/200 and 400 steps at size 500.
 LOWRES_STEPS = {50: 200, 100: 200, 200: 200, 500: 400}
 

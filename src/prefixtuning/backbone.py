@@ -269,7 +269,8 @@ class Backbone(nn.Module):
         backbone.dtype = dtype
         if n:
             how = {"torchao": "weight-only, torchao", "bitsandbytes": "bitsandbytes, " + (
-                "LLM.int8" if quantization == "int8" else "NF4")}[backend]
+                "LLM.int8: activations cast to float16 and quantized per row in each matmul" if quantization == "int8"
+                else "NF4")}[backend]
             print(f"[backbone] {name_or_path}: {n} linear projections quantized to {quantization} ({how}); "
                   f"embeddings and LM head kept in {dtype}", flush=True)
         return backbone

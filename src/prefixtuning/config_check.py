@@ -188,9 +188,9 @@ def _check_sharding(cfg, trainer: dict) -> None:
     q = OmegaConf.select(cfg, "backbone.quantization") or "none"
     if q != "none":
         raise ConfigError(f"trainer=fsdp with backbone.quantization={q}: quantized weights (torchao tensor "
-                          f"subclasses, bitsandbytes parameters) are not sharded by FSDP2 here; quantize and train on one device per process "
-                          f"(trainer=gpu or trainer=ddp), or shard the full-precision backbone "
-                          f"(backbone.quantization=none)")
+                          f"subclasses, bitsandbytes parameters) are not sharded by FSDP2 here; quantize and train "
+                          f"on one device per process (trainer=gpu or trainer=ddp), or shard the full-precision "
+                          f"backbone (backbone.quantization=none)")
 
 
 def _check_quantization(cfg) -> None:

@@ -56,8 +56,9 @@ class PrefixTuningModule(L.LightningModule):
             self.shard_report = shard_model(self.model, self.device_mesh["data_parallel"])
             if self.global_rank == 0:
                 r = self.shard_report
-                print(f"[fsdp] {r['units']} units over {r['world']} processes: each holds {r['backbone_mib_per_rank']:.1f} "
-                      f"MiB of the backbone's {r['backbone_mib']:.1f} MiB of weights", flush=True)
+                print(f"[fsdp] {r['units']} units over {r['world']} processes: each holds "
+                      f"{r['backbone_mib_per_rank']:.1f} MiB of the backbone's {r['backbone_mib']:.1f} MiB of weights",
+                      flush=True)
 
     def training_step(self, batch, batch_idx):
         out = self(batch)

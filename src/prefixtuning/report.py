@@ -306,7 +306,8 @@ def compare(jobs: list[Job], keys: list[str], baseline: str, resamples: int = 10
             rep = tuple(j.overrides.get(r) for r in reps)
             b = base.get((other, rep))
             if b is None:
-                problems.append(f"{j.folder.name}: no baseline job with {', '.join(f'{r}={v}' for r, v in zip(reps, rep)) or 'the same settings'}")
+                same = ", ".join(f"{r}={v}" for r, v in zip(reps, rep)) or "the same settings"
+                problems.append(f"{j.folder.name}: no baseline job with {same}")
                 continue
             da, db = decoded(b), decoded(j)
             if isinstance(da, str) or isinstance(db, str):
@@ -347,7 +348,8 @@ def significance_markdown(rows: list[dict], key: str, baseline: str, others: lis
     for r in rows:
         head = [str(r[key]), *(str(r[o]) for o in others)]
         if not r["metrics"]:
-            lines.append("| " + " | ".join(head + ["-", str(r["pairs"]), "", "", "", "", "", "", "no paired jobs"]) + " |")
+            empty = ["-", str(r["pairs"]), "", "", "", "", "", "", "no paired jobs"]
+            lines.append("| " + " | ".join(head + empty) + " |")
         for m, t in r["metrics"].items():
             lines.append("| " + " | ".join(head + [
                 m.removeprefix("test/"), str(r["pairs"]), f"{t['delta']:+.4f}", f"[{t['low']:+.4f}, {t['high']:+.4f}]",
