@@ -15,12 +15,13 @@ Tests, for system B against baseline A on the same n inputs:
 - paired bootstrap resampling (Koehn 2004): `n_resamples` draws of n inputs with replacement (numpy
   `default_rng(seed)`, the same draws for both systems); the difference B - A of each resample gives the 95%
   percentile interval; the p-value is sacreBLEU's: the share of resampled |differences|, centred on their
-  mean, above the observed |difference| ((count + 1) / (resamples + 1)); two systems with the same outputs
-  get p = 1 (that formula would give its minimum; the same in the next test);
+  mean, above the observed |difference| ((count + 1) / (resamples + 1));
 - approximate randomization (Noreen 1989; Riezler & Maxwell 2005): in each trial every input's two outputs
   are swapped between the systems with probability 1/2; p = share of trials whose |difference| exceeds the
   observed one, (count + 1) / (trials + 1).
-Both equal sacreBLEU's implementations given the same statistics and seed (tests/test_significance.py).
+Both equal sacreBLEU's implementations given the same statistics and seed (tests/test_significance.py), with
+one exception: an observed difference of exactly 0 (e.g. the same outputs) gets p = 1, where those formulas
+give their minimum, 1 / (resamples + 1), which would call two identical systems different.
 """
 
 from __future__ import annotations
