@@ -38,6 +38,19 @@ def _logits_and_grad(m, ids, mask):
     return logits.detach()[mask.bool()], grads
 
 
+def _assert_equals_oracle(quant, oracle, full):
+    """With a prefix: the quantized model's logits and prefix gradients equal the dequantized-weight oracle's
+    within TOL, the full-precision model differs by far more, and gradients reach the prefix."""
+    ids, mask = batch(quant.tokenizer, TEXTS)
+    a, ga = _logits_and_grad(_prefixed(quant), ids, mask)
+    b, gb = _logits_and_grad(_prefixed(oracle), ids, mask)
+    c, _ = _logits_and_grad(_prefixed(full), ids, mask)
+    assert (a - b).abs().max().item() <= TOL
+    assert (a - c).abs().max().item() > 100 * TOL  # the weights really are quantized
+    for x, y in zip(ga, gb):  # gradients reach the prefix through the quantized projections
+        assert x.abs().sum() > 0 and (x - y).abs().max().item() <= TOL
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_a_quantized_backbone_with_a_prefix_equals_its_dequantized_weights(kind):
     quant = load_tiny("llama", quantization=kind)
@@ -47,15 +60,7 @@ def test_a_quantized_backbone_with_a_prefix_equals_its_dequantized_weights(kind)
     oracle = load_tiny("llama", quantization=kind)
     dequantized_copy(oracle.model)
     assert not any(is_quantized(oracle.model.get_submodule(n).weight) for n in names)
-    full = load_tiny("llama")
-    ids, mask = batch(quant.tokenizer, TEXTS)
-    a, ga = _logits_and_grad(_prefixed(quant), ids, mask)
-    b, gb = _logits_and_grad(_prefixed(oracle), ids, mask)
-    c, _ = _logits_and_grad(_prefixed(full), ids, mask)
-    assert (a - b).abs().max().item() <= TOL
-    assert (a - c).abs().max().item() > 100 * TOL  # the weights really are quantized
-    for x, y in zip(ga, gb):  # gradients reach the prefix through the quantized projections
-        assert x.abs().sum() > 0 and (x - y).abs().max().item() <= TOL
+    _assert_equals_oracle(quant, oracle, load_tiny("llama"))
 
 
 def test_quantization_refusals_name_the_reason(tmp_path):
@@ -125,15 +130,7 @@ def test_bitsandbytes_nf4_with_a_prefix_equals_its_dequantized_weights():
     oracle = load_tiny("llama", quantization="int4", quantization_backend="bitsandbytes")
     dequantized_copy(oracle.model)
     assert not quantized_modules(oracle.model)
-    full = load_tiny("llama")
-    ids, mask = batch(quant.tokenizer, TEXTS)
-    a, ga = _logits_and_grad(_prefixed(quant), ids, mask)
-    b, gb = _logits_and_grad(_prefixed(oracle), ids, mask)
-    c, _ = _logits_and_grad(_prefixed(full), ids, mask)
-    assert (a - b).abs().max().item() <= TOL
-    assert (a - c).abs().max().item() > 100 * TOL
-    for x, y in zip(ga, gb):
-        assert x.abs().sum() > 0 and (x - y).abs().max().item() <= TOL
+    _assert_equals_oracle(quant, oracle, load_tiny("llama"))
 
 
 def test_bitsandbytes_int8_is_llm_int8_against_its_explicit_math():

@@ -39,7 +39,6 @@ class PrefixTuningModule(L.LightningModule):
         self.optim = dict(optim)
         self.run_config = run_config or {}
         self._val_sums: torch.Tensor | None = None  # (sum of token losses, number of tokens)
-        self._logged_loss: torch.Tensor | None = None  # the global batch's loss under data parallelism
         self.shard_report: dict | None = None  # trainer=fsdp: what each rank holds (sharding.shard_model)
         self.strict_loading = False  # backbone tensors are absent from checkpoints by design; checked below
         # from_pretrained returns the backbone in eval mode and Lightning keeps each module's mode, so switch
@@ -62,30 +61,29 @@ class PrefixTuningModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         out = self(batch)
-        loss = out.loss
+        loss = logged = out.loss
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:
-            loss = self._global_token_mean(loss, out.loss_tokens, world)
+            loss, logged = self._global_token_mean(loss, out.loss_tokens, world)
         if not torch.isfinite(loss):
             raise NonFiniteError(
                 f"train/loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, batch "
                 f"{batch_idx} of the epoch, {batch['input_ids'].shape[0]} examples); training stopped before "
                 f"this step's update, the last checkpoint is untouched. {self._overflow_hint()}")
-        self.log("train/loss", loss if self._logged_loss is None else self._logged_loss, prog_bar=True,
-                 batch_size=batch["input_ids"].shape[0])
-        self._logged_loss = None
+        self.log("train/loss", logged, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def _global_token_mean(self, loss, n_local, world: int):
         """With data parallelism each rank's loss is a mean over its own target tokens and the gradients are
         averaged over ranks: a mean of means, which weights a rank's tokens by how few it has. Rescaled here so
         the averaged gradient is the gradient of the mean over all ranks' target tokens, the loss of one process
-        taking the whole global batch (exactly: tests/test_sharding.py)."""
+        taking the whole global batch (exactly: tests/test_sharding.py). Returns (that loss, the global batch's
+        loss to log)."""
         n_local = n_local.to(torch.float64)
         both = torch.stack([loss.detach().double() * n_local, n_local])
         both = self.trainer.strategy.reduce(both, reduce_op="sum")
-        self._logged_loss = (both[0] / both[1].clamp(min=1)).to(loss.dtype)  # the global batch's loss
-        return loss * (n_local * world / both[1].clamp(min=1)).to(loss.dtype)
+        logged = (both[0] / both[1].clamp(min=1)).to(loss.dtype)
+        return loss * (n_local * world / both[1].clamp(min=1)).to(loss.dtype), logged
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]

@@ -162,8 +162,7 @@ class PrefixFSDPStrategy(ModelParallelStrategy):
         super().setup_environment()
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        reshard_all(self.lightning_module)
-        state = full_trainable_state(self.lightning_module)
+        state = full_trainable_state(self.lightning_module)  # (reshards first)
         return state if self.global_rank == 0 else {}
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
