@@ -126,10 +126,12 @@ IDENTITY_FIELDS = ("backbone", "geometry", "method")
 
 def check_identity(source: str, recorded: dict, current: dict, fields=IDENTITY_FIELDS) -> None:
     """The one identity check: what a checkpoint or export recorded equals the model it goes into."""
+    if "task" in current or "task" in recorded:  # an NLU model: its task head (task, labels, pooling) too
+        fields = (*fields, "task")
     for field in fields:
-        if recorded.get(field) != current[field]:
+        if recorded.get(field) != current.get(field):
             raise IdentityMismatch(f"{source} was trained with {field} {recorded.get(field)!r}, "
-                                   f"but this model has {current[field]!r}")
+                                   f"but this model has {current.get(field)!r}")
 
 
 def check_tensor_names(source: str, got, expected, what: str) -> None:

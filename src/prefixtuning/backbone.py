@@ -48,6 +48,13 @@ def _first(config, names: tuple[str, ...], what: str, default=None):
                                   f"{', '.join(names)} is set); this family is not supported")
 
 
+# encoder-only families (BERT and its descendants): one attention site, `encoder`, loaded with AutoModel (no LM
+# head; the NLU heads of nlu/heads.py read its hidden states). Whether a family's attention goes through
+# transformers' attention interface is checked by the probe, as for every family: DeBERTa-v2/v3's disentangled
+# attention computes its scores in its own code and is refused there, naming the class.
+ENCODER_ONLY = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "deberta", "deberta-v2", "distilbert",
+                "albert", "mpnet", "ernie", "modernbert")
+
 # families whose positions are relative (a bias or ALiBi), so a sequence has no maximum length of its own:
 # config fields that say so, and families whose config does not
 _RELATIVE = ("relative_attention_num_buckets", "alibi")
@@ -61,6 +68,10 @@ class Geometry:
     hidden_size: int
     max_positions: int | None  # None: relative positions, no maximum
     sites: dict[str, SiteGeometry] = field(default_factory=dict)
+
+    @property
+    def is_encoder_only(self) -> bool:
+        return not self.is_encoder_decoder and "encoder" in self.sites
 
     def fits(self, n_positions: int) -> bool:
         """Whether a sequence spanning `n_positions` positions fits (always, for relative positions)."""
@@ -110,7 +121,7 @@ class Geometry:
         else:
             layers = _first(config, ("num_hidden_layers", "n_layer", "num_layers"), "number of layers")
             heads = _first(config, ("num_attention_heads", "n_head", "num_heads"), "number of heads")
-            sites = {"decoder": site(layers, heads)}
+            sites = {"encoder" if config.model_type in ENCODER_ONLY else "decoder": site(layers, heads)}
         return cls(config.model_type, bool(config.is_encoder_decoder), int(hidden), max_pos, sites)
 
     def check_observed(self, observed: dict) -> None:
@@ -198,6 +209,11 @@ class Backbone(nn.Module):
     def is_encoder_decoder(self) -> bool:
         return self.geometry.is_encoder_decoder
 
+    @property
+    def is_encoder_only(self) -> bool:
+        """BERT-family encoders: no LM head, no generation; the NLU tasks (nlu/) read their hidden states."""
+        return self.geometry.is_encoder_only
+
     def identity(self) -> dict:
         """What an artifact records of its backbone and every loader checks (artifacts.check_identity)."""
         return {"backbone": self.name, "geometry": self.geometry.to_dict()}
@@ -212,7 +228,7 @@ class Backbone(nn.Module):
         offline_substitute: a local backbone used instead when a hub id cannot be loaded (no network, not in
         the local Hugging Face cache). The backbone's `name` is then the substitute's, so checkpoints,
         exports and reports name the weights that were really used."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         path = resolve_backbone_path(name_or_path, cache_dir)
         try:
@@ -237,7 +253,8 @@ class Backbone(nn.Module):
             for f in _DROPOUT_FIELDS:
                 if hasattr(config, f):
                     setattr(config, f, float(dropout))
-        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        auto = (AutoModelForSeq2SeqLM if config.is_encoder_decoder
+                else AutoModel if config.model_type in ENCODER_ONLY else AutoModelForCausalLM)
         dtype, why = resolve_dtype(dtype, accelerator)
         if why != "backbone.dtype":
             print(f"[backbone] {why}: {dtype}", flush=True)

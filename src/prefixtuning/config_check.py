@@ -26,6 +26,8 @@ from .artifacts import EXPORT_CHOICES
 from .data.base import DATASETS
 from .initialization import INIT_SETTINGS
 from .lightning_module import SCHEDULES
+from .nlu import is_nlu
+from .nlu.model import POOLINGS
 from .methods import METHODS
 from .quantization import BACKENDS as QUANTIZATION_BACKENDS
 from .quantization import CHOICES as QUANTIZATION
@@ -67,6 +69,8 @@ def _schema() -> dict[str, Spec]:
         "data.max_train_examples": S(INT, null=True, min=1), "data.max_dev_examples": S(INT, null=True, min=1),
         "data.prefix_length": S(INT, min=1), "data.download": S(BOOL),
         "data.max_source_tokens": S(INT, null=True, min=1),
+        "data.max_length": S(INT, min=8), "data.task_words": S(STR), "data.dev_fraction": S(FLOAT, above=0, max=0.9),
+        "head.pooling": S(STR, choices=("none", *POOLINGS)), "head.dropout": S(FLOAT, min=0, max=1),
         "lowres.enabled": S(BOOL), "lowres.size": S(INT, min=1), "lowres.sample": S(INT, min=0),
         "lowres.dev_fraction": S(FLOAT, above=0, max=1),
         "extrapolation.name": S(STR), "extrapolation.field": S(STR), "extrapolation.train": S(LIST, null=True),
@@ -176,6 +180,41 @@ def check_train_config(cfg) -> None:
             TRAINER[key].check(f"trainer.{key}", value)
     _check_trains_something(trainer)
     _check_sharding(cfg, trainer)
+    _check_task(cfg, trainer)
+
+
+# settings of the generation tasks that an NLU run would not use: refused rather than ignored
+_GENERATION_ONLY = {"val_generation.enabled": (True,), "extrapolation.name": None, "data.max_source_tokens": None}
+
+
+def _check_task(cfg, trainer: dict) -> None:
+    """The NLU tasks (data=cb, ..., conll04) with a head and none of the generation tasks' settings; the generation
+    tasks without a head; both before any model is loaded."""
+    pooling = OmegaConf.select(cfg, "head.pooling") or "none"
+    data = OmegaConf.select(cfg, "data.name")
+    if not is_nlu(cfg):
+        if pooling != "none":
+            raise ConfigError(f"head.pooling={pooling}: data={data} is a generation task (the LM head decodes it); "
+                              f"task heads are for the NLU tasks (head=none here)")
+        if OmegaConf.select(cfg, "decoding.max_new_tokens") is None:
+            raise ConfigError(f"decoding=none, but data={data} is decoded: choose a decoding (e.g. decoding=greedy)")
+        return
+    if pooling == "none":
+        raise ConfigError(f"data={data} needs a task head: head=cls, pooler, mean or last")
+    if OmegaConf.select(cfg, "val_generation.enabled"):
+        raise ConfigError(f"val_generation.enabled=true, but data={data} decodes nothing (every validation scores "
+                          f"the dev split with the task's metrics already)")
+    ext = OmegaConf.select(cfg, "extrapolation.name") or "none"
+    if ext != "none":
+        raise ConfigError(f"extrapolation={ext} splits a generation dataset by category; data={data} has none")
+    kind = OmegaConf.select(cfg, "method.kind")
+    if kind == "finetune_top2":
+        raise ConfigError(f"method=finetune_top2 trains an LM's top layers and LM head; with data={data} use "
+                          f"method=finetune (with the head) or a parameter-efficient method")
+    devices = trainer.get("devices", 1)
+    if trainer.get("strategy") in ("ddp", "fsdp") or (isinstance(devices, int) and devices > 1):
+        raise ConfigError(f"data={data}: the NLU tasks run in one process (their validation metrics are computed "
+                          f"over the whole dev split in that process); set trainer.devices=1")
 
 
 def _check_sharding(cfg, trainer: dict) -> None:

@@ -21,6 +21,10 @@ from .data.datamodule import PrefixDataModule
 from .data.features import IGNORE
 from .decoding import decode
 from .loading import load_trained
+from .nlu.data import NLUDataModule
+from .nlu.evaluation import evaluate_split
+from .nlu.model import NLUModel
+from .nlu.tasks import preflight_nlu
 
 
 @torch.no_grad()
@@ -109,13 +113,22 @@ def evaluate(cfg) -> dict:
     device = eval_device(cfg.get("device"))
     model, run_cfg = load_trained(cfg.ckpt)
     model.to(device)
-    print(f"[eval] decoding on {device}", flush=True)
     data_cfg = run_cfg.data
     if cfg.get("data_dir") is not None:
         data_cfg = OmegaConf.merge(data_cfg, {"data_dir": cfg.data_dir})
+    out = Path(cfg.paths.output_dir)
+    if isinstance(model, NLUModel):  # an NLU task: the head's labels scored with the task's metrics
+        print(f"[eval] scoring data={data_cfg.name} {cfg.split} on {device}", flush=True)
+        dm = NLUDataModule(data_cfg, preflight_nlu(data_cfg, [cfg.split]), model.backbone.tokenizer,
+                           seed=run_cfg.get("seed", 0), lowres=run_cfg.get("lowres"))
+        metrics = {"checkpoint": str(cfg.ckpt), **evaluate_split(model, dm, cfg.split, out, cfg.get("max_inputs"),
+                                                                  cfg.get("show_examples", 3))}
+        atomic.write_json(out / "metrics.json", metrics)
+        print(f"[eval] {out}\n" + format_table(metrics), flush=True)
+        return metrics
+    print(f"[eval] decoding on {device}", flush=True)
     dm = PrefixDataModule(data_cfg, model.backbone.tokenizer, model.backbone.is_encoder_decoder,
                           seed=run_cfg.get("seed", 0), lowres=run_cfg.get("lowres"), split=run_cfg.get("extrapolation"))
-    out = Path(cfg.paths.output_dir)
     loader = torch.utils.data.DataLoader(dm.features(cfg.split), batch_size=cfg.decoding.batch_size,
                                          shuffle=False, collate_fn=dm.collate)
     metrics = {"checkpoint": str(cfg.ckpt)}

@@ -19,6 +19,7 @@ from .config_check import check_export_config
 from .loading import load_trained
 from .methods import NoPrefixError
 from .model import TunedModel
+from .nlu.model import NLUModel
 from .peft_interop import export_peft
 
 
@@ -42,6 +43,10 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, format: str = "pref
     if format not in EXPORT_CHOICES:
         raise ExportError(f"format={format!r} is not one of {', '.join(EXPORT_CHOICES)}")
     model, run_cfg = load_trained(ckpt)
+    if isinstance(model, NLUModel):
+        raise ExportError(f"{ckpt} is an NLU model (data={run_cfg.data.name}: a task head beside the method); exports "
+                          f"hold a method's tensors for generation and serving, not a head. The checkpoint itself holds "
+                          f"only the trained tensors: score it with `python evaluate.py ckpt={ckpt}`")
     if format == "peft":
         try:
             prefix = model.method.prefix_module()

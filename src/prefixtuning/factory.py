@@ -11,7 +11,9 @@ from omegaconf import OmegaConf
 from .backbone import Backbone
 from .local_backbones import is_local_backbone
 from .methods import build_method
+from .errors import UserError
 from .model import TunedModel
+from .nlu import NLU_TASKS, build_nlu_model, is_nlu
 
 
 def _plain(node) -> dict:
@@ -43,8 +45,19 @@ def prefix_config(cfg) -> dict | None:
     return _plain(cfg.prefix) if cfg.get("prefix") is not None else None
 
 
-def build_model(cfg, backbone: Backbone) -> TunedModel:
-    return TunedModel(backbone, build_method(method_config(cfg), backbone, prefix_cfg=prefix_config(cfg)))
+def build_model(cfg, backbone: Backbone):
+    """TunedModel for the generation tasks; NLUModel (backbone + method + task head) for data=<NLU task>."""
+    nlu = is_nlu(cfg)
+    if backbone.is_encoder_only and not nlu:
+        raise UserError(f"backbone {backbone.name} is an encoder ({backbone.geometry.model_type}, no LM head): it runs "
+                        f"the NLU tasks (data={', '.join(NLU_TASKS)}), not data={cfg.data.name}")
+    try:  # a method or head that cannot attach to this backbone: one sentence, before any work
+        method = build_method(method_config(cfg), backbone, prefix_cfg=prefix_config(cfg))
+        return build_nlu_model(cfg, backbone, method) if nlu else TunedModel(backbone, method)
+    except ValueError as err:
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"method={method_config(cfg).get('kind')} on backbone {backbone.name}: {err}") from None
 
 
 def initialize(cfg, model: TunedModel) -> dict:

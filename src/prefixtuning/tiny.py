@@ -21,9 +21,9 @@ import torch
 from .cache import default_cache_dir, publish_dir
 from .data.e2e import linearize_mr, read_e2e_csv, sample_dir
 
-TINY_FAMILIES = ("gpt2", "bart", "llama", "t5")
+TINY_FAMILIES = ("gpt2", "bart", "llama", "t5", "bert")
 # Bump when the recipe below changes, so cached builds are not reused across recipes.
-_RECIPE_VERSION = 4
+_RECIPE_VERSION = 4  # (tiny-bert added without changing the other families' recipe)
 
 
 def _corpus() -> list[str]:
@@ -40,6 +40,23 @@ def _corpus() -> list[str]:
 def _train_tokenizer(family: str, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
+    if family == "bert":  # BERT's own scheme: WordPiece, [CLS] a [SEP] b [SEP] with token types 0 / 1
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        tok.train_from_iterator(_corpus(), trainer=trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+            initial_alphabet=[chr(c) for c in range(33, 127)]))
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+                                       unk_token="[UNK]", mask_token="[MASK]",
+                                       model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 
     if family == "bart":
         specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -80,7 +97,7 @@ def _train_tokenizer(family: str, vocab_size: int):
 
 
 def _config(family: str, tokenizer, size: dict):
-    from transformers import BartConfig, GPT2Config, LlamaConfig, T5Config
+    from transformers import BartConfig, BertConfig, GPT2Config, LlamaConfig, T5Config
 
     d, layers, heads, positions = size["hidden"], size["layers"], size["heads"], size["positions"]
     vocab = len(tokenizer)
@@ -101,6 +118,10 @@ def _config(family: str, tokenizer, size: dict):
                         relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
                         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    if family == "bert":
+        return BertConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+                          intermediate_size=2 * d, max_position_embeddings=min(positions, 512),
+                          pad_token_id=tokenizer.pad_token_id)
     if family == "llama":
         eos = tokenizer.eos_token_id
         return LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
@@ -113,7 +134,7 @@ def _config(family: str, tokenizer, size: dict):
 DEFAULT_SIZE = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "positions": 1024, "vocab": 1000,
                 "pretrain_steps": None}
 # An encoder-decoder needs longer to start using its encoder (cross-attention) at all.
-PRETRAIN_STEPS = {"gpt2": 300, "llama": 300, "bart": 1000, "t5": 300}
+PRETRAIN_STEPS = {"gpt2": 300, "llama": 300, "bart": 1000, "t5": 300, "bert": 300}
 
 
 def _pretrain(model, tokenizer, steps: int, seed: int, name: str = "tiny") -> list[float]:
@@ -122,7 +143,8 @@ def _pretrain(model, tokenizer, steps: int, seed: int, name: str = "tiny") -> li
     to reconstruct a line from a copy with 15% of its tokens masked. Returns the loss curve."""
     g = torch.Generator().manual_seed(seed)
     lines = [tokenizer(t, add_special_tokens=False)["input_ids"][:60] for t in _corpus()]
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id  # BERT: [SEP]
+    pad = tokenizer.pad_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
     losses = []
@@ -135,7 +157,7 @@ def _pretrain(model, tokenizer, steps: int, seed: int, name: str = "tiny") -> li
         for r, s in enumerate(seqs):
             ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), 1
         labels = ids.masked_fill(mask == 0, -100)
-        if model.config.is_encoder_decoder:
+        if model.config.is_encoder_decoder or model.config.model_type == "bert":  # BERT: masked-LM reconstruction
             noisy = ids.masked_fill((torch.rand(ids.shape, generator=g) < 0.15) & (mask == 1),
                                     tokenizer.mask_token_id)
             out = model(input_ids=noisy, attention_mask=mask, labels=labels)
@@ -166,14 +188,27 @@ def build_tiny(family: str, cache_dir: str | Path | None = None, seed: int = 0, 
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     t0 = time.perf_counter()
-    print(f"[backbone] tiny-{family}: building once into {out} (BPE tokenizer, {size['layers']} layers of "
+    print(f"[backbone] tiny-{family}: building once into {out} ({'WordPiece' if family == 'bert' else 'BPE'} tokenizer, {size['layers']} layers of "
           f"width {size['hidden']}, {size['pretrain_steps']} pretraining steps on the E2E sample lines)", flush=True)
     tokenizer = _train_tokenizer(family, size["vocab"])
     config = _config(family, tokenizer, size)
     torch.manual_seed(seed)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_config(config)
-    losses = _pretrain(model, tokenizer, int(size["pretrain_steps"]), seed, name=f"tiny-{family}")
+    if family == "bert":
+        from transformers import BertForMaskedLM, BertModel
+
+        model = BertForMaskedLM(config)
+        losses = _pretrain(model, tokenizer, int(size["pretrain_steps"]), seed, name=f"tiny-{family}")
+        # saved as the encoder with its pooler (what AutoModel loads; the pooler seeded here, not at load)
+        encoder = BertModel(config, add_pooling_layer=True)
+        missing = encoder.load_state_dict({k.removeprefix("bert."): v for k, v in model.state_dict().items()
+                                           if k.startswith("bert.")}, strict=False).missing_keys
+        if any(not k.startswith("pooler.") for k in missing):
+            raise RuntimeError(f"tiny-bert: the masked-LM encoder lacks {missing}")
+        model = encoder.eval()
+    else:
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_config(config)
+        losses = _pretrain(model, tokenizer, int(size["pretrain_steps"]), seed, name=f"tiny-{family}")
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

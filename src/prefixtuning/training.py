@@ -43,6 +43,10 @@ from .gates import probe_gates, write_gate_report
 from .lightning_module import PrefixTuningModule
 from .metrics import java
 from .model import TunedModel
+from .nlu import build_task, is_nlu
+from .nlu.data import NLUDataModule
+from .nlu.evaluation import NLUModule, evaluate_split
+from .nlu.tasks import preflight_nlu
 from .resume import (HISTORY, INTERRUPTED, PARTIAL, ContinuingCSVLogger, ResumeError, plan_run,
                      set_aside)
 from .sharding import PrefixFSDPStrategy, is_sharded, load_trainable_state
@@ -263,25 +267,33 @@ def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from, dataset) -
     backbone = load_backbone(cfg)
     model = build_model(cfg, backbone)
     init_report = initialize(cfg, model)
-    data = PrefixDataModule(cfg.data, backbone.tokenizer, backbone.is_encoder_decoder, seed=cfg.seed,
-                            lowres=cfg.get("lowres"), split=cfg.get("extrapolation"), output_dir=output_dir,
-                            dataset=dataset)
-    check_positions(model, data.longest(("train", "dev")), where=f"data={cfg.data.name}")
+    nlu = is_nlu(cfg)
     vg = cfg.get("val_generation")
-    if cfg.get("test_after_training"):
-        preflight_test(cfg, data)
-    check_decoding_positions(cfg, model, data)  # loads (and checks) the splits that will be decoded
+    if nlu:  # an NLU task (nlu/): a task head on the hidden states, scored without decoding
+        data = NLUDataModule(cfg.data, dataset, backbone.tokenizer, seed=cfg.seed, lowres=cfg.get("lowres"),
+                             output_dir=output_dir)
+        splits = ("train", "dev", cfg.get("test_split", "test")) if cfg.get("test_after_training") else ("train", "dev")
+        check_positions(model, data.longest(splits), where=f"data={cfg.data.name}")  # tokenizes every split now
+    else:
+        data = PrefixDataModule(cfg.data, backbone.tokenizer, backbone.is_encoder_decoder, seed=cfg.seed,
+                                lowres=cfg.get("lowres"), split=cfg.get("extrapolation"), output_dir=output_dir,
+                                dataset=dataset)
+        check_positions(model, data.longest(("train", "dev")), where=f"data={cfg.data.name}")
+        if cfg.get("test_after_training"):
+            preflight_test(cfg, data)
+        check_decoding_positions(cfg, model, data)  # loads (and checks) the splits that will be decoded
     report = print_parameter_report(model)
 
-    module = PrefixTuningModule(model, OmegaConf.to_container(cfg.optim, resolve=True),
-                                run_config=OmegaConf.to_container(cfg, resolve=True))
+    module = (NLUModule if nlu else PrefixTuningModule)(model, OmegaConf.to_container(cfg.optim, resolve=True),
+                                                        run_config=OmegaConf.to_container(cfg, resolve=True))
     signals = StopOnSignal()
     callbacks = [*callbacks, signals, MidEpochCheckpoint(output_dir / "checkpoints" / "last.ckpt", signals)]
-    if vg and vg.enabled:
+    if vg and vg.enabled and not nlu:
         val_decoding = OmegaConf.merge(cfg.decoding, {"num_beams": vg.num_beams})
         callbacks.append(GenerationValidation(data, val_decoding, vg.split, vg.max_inputs, vg.every_n_epochs,
                                               vg.log_samples))
-    callbacks.append(GateImages(data, output_dir, vg.max_inputs if vg else 50))  # APT + W&B only
+    if not nlu:
+        callbacks.append(GateImages(data, output_dir, vg.max_inputs if vg else 50))  # APT + W&B only
     trainer = build_trainer(cfg, output_dir, callbacks)
     rank0 = trainer.global_rank == 0
     partial = output_dir / PARTIAL
@@ -314,7 +326,9 @@ def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from, dataset) -
     if cfg.get("test_after_training") and (rank0 or sharded) and not trainer.interrupted:
         with signals.during("the test decode"):
             try:
-                if rank0:
+                if rank0 and nlu:
+                    metrics.update(run_nlu_test(cfg, module, data, best, output_dir))
+                elif rank0:
                     metrics.update(run_test_split(cfg, module, data, best, output_dir))
                 else:
                     with tempfile.TemporaryDirectory(prefix="prefixtuning-rank") as scratch:
@@ -327,7 +341,8 @@ def _train(cfg: DictConfig, callbacks, output_dir: Path, resume_from, dataset) -
         atomic.write_json(output_dir / "metrics.json", metrics)
         (output_dir / INTERRUPTED).unlink(missing_ok=True)  # finished now (a resumed run's earlier interruption)
         partial.unlink(missing_ok=True)
-        keys = ("val/loss_start", "val/loss", "train/loss", f"val/{data.dataset.fast_metric_name}")
+        keys = ("val/loss_start", "val/loss", "train/loss", f"val/{data.dataset.fast_metric_name}",
+                *(f"val/{m}" for m in getattr(data.dataset, "metrics", ()) if nlu))
         summary = {k: metrics[k] for k in keys if k in metrics}
         summary.update({k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float)})
         print(f"[run] {output_dir}\n[run] final metrics: " + json.dumps(summary), flush=True)
@@ -453,13 +468,15 @@ def prepare_data(cfg):
     data.download=true, missing official files are fetched first: by global rank 0 only, the other ranks wait
     for the files (so 64 ranks do not fetch at once)."""
     root = cfg.paths.get("data_dir")
+    nlu = is_nlu(cfg)
     if cfg.data.get("download") and cfg.data.get("data_dir") is not None:
-        name = cfg.data.name
+        name = build_task(cfg.data).source if nlu else cfg.data.name  # NLU tasks: their corpus (superglue, ...)
         if _global_rank() == 0:
             download([name], root=root, progress=False)
         else:
-            wait_for_files(build_dataset(cfg.data), run_splits(cfg))
-    dataset = preflight_data(cfg.data, run_splits(cfg), root=root)
+            wait_for_files(build_task(cfg.data) if nlu else build_dataset(cfg.data), run_splits(cfg))
+    dataset = preflight_nlu(cfg.data, run_splits(cfg), root=root) if nlu else preflight_data(cfg.data, run_splits(cfg),
+                                                                                             root=root)
     check_monitor(cfg, dataset)
     return dataset
 
@@ -468,11 +485,13 @@ def check_monitor(cfg, dataset) -> None:
     """checkpoint.monitor names a metric this run logs (else Lightning fails after the first epoch)."""
     vg = cfg.get("val_generation")
     logged = ["val/loss", "train/loss"]
-    if vg and vg.get("enabled"):
+    if is_nlu(cfg):  # every validation scores the dev split with the task's metrics
+        logged += [f"val/{m}" for m in dataset.metrics]
+    elif vg and vg.get("enabled"):
         logged.append(f"val/{dataset.fast_metric_name}")
     monitor = (cfg.get("checkpoint") or {}).get("monitor", "val/loss")
     if monitor not in logged:
-        hint = "" if len(logged) > 2 else f"; val/{dataset.fast_metric_name} needs val_generation.enabled=true"
+        hint = "" if len(logged) > 2 or is_nlu(cfg) else f"; val/{dataset.fast_metric_name} needs val_generation.enabled=true"
         raise ConfigError(f"checkpoint.monitor={monitor} is not a metric this run logs ({', '.join(logged)}{hint})")
 
 
@@ -496,6 +515,21 @@ def preflight_test(cfg, data: PrefixDataModule) -> None:
             print(f"[metrics] warning: METEOR (and E2E ROUGE_L / CIDEr) will be skipped after training: {err}",
                   flush=True)
     print(f"[data] test split {split!r}: {n} inputs", flush=True)
+
+
+def run_nlu_test(cfg, module, data, best: str, output_dir: Path) -> dict:
+    """Score the test split (SuperGLUE: the official validation file) with the best checkpoint's weights;
+    predictions_<split>.jsonl, scores_<split>.json and, for APT, the gate heatmap go to the run folder."""
+    if best:
+        ckpt = read_checkpoint(best)
+        module.on_load_checkpoint(ckpt)
+        module.load_state_dict(ckpt["state_dict"], strict=False)
+    split = cfg.get("test_split", "test")
+    result = evaluate_split(module.model, data, split, output_dir, max_inputs=cfg.get("test_max_inputs"),
+                            show_examples=cfg.get("show_examples", 3))
+    print(f"[test] {split} ({'best checkpoint' if best else 'final weights'}, {result['n']} inputs): "
+          + ", ".join(f"{k} {100 * v:.2f}" for k, v in result.items() if k != "n"), flush=True)
+    return {f"test/{k}": float(v) for k, v in result.items()}
 
 
 def run_test_split(cfg, module: PrefixTuningModule, data: PrefixDataModule, best: str, output_dir: Path,

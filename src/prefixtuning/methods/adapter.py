@@ -43,7 +43,8 @@ class AdapterMethod(Method):
                  activation: str = "relu"):
         if activation not in ACTIVATIONS:
             raise ValueError(f"method.activation={activation!r} is not one of {', '.join(ACTIVATIONS)}")
-        sites = find(backbone, ATTENTION_OUT) + find(backbone, FFN_OUT)
+        attention = find(backbone, ATTENTION_OUT)
+        sites = attention + find(backbone, FFN_OUT, exclude={n for n, _ in attention})
         if not sites:
             raise ValueError(f"no attention / FFN output projections found in a {backbone.geometry.model_type} backbone")
         d = backbone.geometry.hidden_size

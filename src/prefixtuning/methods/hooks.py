@@ -5,10 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 # output projections of attention (self and cross) and of the feed-forward block, by family
-ATTENTION_OUT = ("attn.c_proj", "self_attn.o_proj", "self_attn.out_proj", "encoder_attn.out_proj")
-FFN_OUT = ("mlp.c_proj", "mlp.down_proj", "fc2")
+# (BERT family: attention.output.dense and the layer's output.dense, before each residual LayerNorm: Houlsby's places)
+ATTENTION_OUT = ("attn.c_proj", "self_attn.o_proj", "self_attn.out_proj", "encoder_attn.out_proj",
+                 "attention.output.dense")
+FFN_OUT = ("mlp.c_proj", "mlp.down_proj", "fc2", "output.dense")
 # LoRA's default targets (as HF PEFT's defaults): GPT-2's fused q/k/v projection, else q and v
-LORA_TARGETS = {"gpt2": ("attn.c_attn",), "llama": ("q_proj", "v_proj"), "bart": ("q_proj", "v_proj")}
+LORA_TARGETS = {"gpt2": ("attn.c_attn",), "llama": ("q_proj", "v_proj"), "bart": ("q_proj", "v_proj"),
+                **{f: ("query", "value") for f in ("bert", "roberta", "xlm-roberta", "camembert", "electra")}}
 
 
 def linear_dims(m: nn.Module) -> tuple[int, int]:
@@ -20,9 +23,10 @@ def linear_dims(m: nn.Module) -> tuple[int, int]:
     raise TypeError(f"{type(m).__name__} is not a linear layer")
 
 
-def find(backbone, suffixes) -> list[tuple[str, nn.Module]]:
+def find(backbone, suffixes, exclude=()) -> list[tuple[str, nn.Module]]:
+    """Linear layers whose path ends with one of `suffixes`, except those listed in `exclude` (names)."""
     return [(n, m) for n, m in backbone.model.named_modules()
-            if any(n == s or n.endswith("." + s) for s in suffixes)
+            if any(n == s or n.endswith("." + s) for s in suffixes) and n not in exclude
             and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")]
 
 
