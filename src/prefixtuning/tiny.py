@@ -23,7 +23,7 @@ from .data.e2e import linearize_mr, read_e2e_csv, sample_dir
 
 TINY_FAMILIES = ("gpt2", "bart", "llama", "t5", "bert")
 # Bump when the recipe below changes, so cached builds are not reused across recipes.
-_RECIPE_VERSION = 4  # (tiny-bert added without changing the other families' recipe)
+_RECIPE_VERSION = 4
 
 
 def _corpus() -> list[str]:
@@ -180,7 +180,8 @@ def build_tiny(family: str, cache_dir: str | Path | None = None, seed: int = 0, 
     size = {**DEFAULT_SIZE, **{k: v for k, v in size.items() if v is not None}}
     if size["pretrain_steps"] is None:
         size["pretrain_steps"] = PRETRAIN_STEPS[family]
-    key = json.dumps({"family": family, "seed": seed, "size": size, "v": _RECIPE_VERSION}, sort_keys=True)
+    version = f"{_RECIPE_VERSION}-bert2" if family == "bert" else _RECIPE_VERSION  # tiny-bert's own revisions
+    key = json.dumps({"family": family, "seed": seed, "size": size, "v": version}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     out = Path(cache_dir or default_cache_dir()) / "tiny" / f"tiny-{family}-{digest}"
     if (out / "DONE").exists():
