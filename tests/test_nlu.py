@@ -116,6 +116,71 @@ def test_minilm_is_the_packaged_all_minilm_l6_v2():
     assert bb.model.pooler is not None and bb.tokenizer.is_fast
 
 
+ENCODER_FAMILIES = ["bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "modernbert"]
+
+
+def tiny_encoder(family, folder):
+    """A tiny random encoder of `family` saved with tiny-bert's tokenizer and loaded through Backbone.load."""
+    import transformers as T
+    from transformers import AutoModel
+
+    from prefixtuning.backbone import Backbone
+
+    config = {"bert": T.BertConfig, "roberta": T.RobertaConfig, "xlm-roberta": T.XLMRobertaConfig,
+              "camembert": T.CamembertConfig, "electra": T.ElectraConfig, "ernie": T.ErnieConfig,
+              "modernbert": T.ModernBertConfig, "deberta-v2": T.DebertaV2Config,
+              "distilbert": T.DistilBertConfig}[family]
+    kw = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=128)
+    if family == "modernbert":
+        kw.update(pad_token_id=0, bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3)
+    if family == "distilbert":
+        kw = dict(vocab_size=1000, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    AutoModel.from_config(config(**kw)).save_pretrained(folder)
+    load_tiny("bert").tokenizer.save_pretrained(folder)
+    return Backbone.load(str(folder), dropout=0.0)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("family", ENCODER_FAMILIES)
+def test_encoder_family_with_a_prefix_of_its_own_keys_is_unchanged(family, tmp_path):
+    """The oracle every encoder family is held to: with bidirectional attention, a prefix equal to the layer's own
+    keys and values of the input (captured from the plain model) doubles every key and value, which leaves each
+    softmax-weighted sum, so every layer's output, unchanged. With shift_positions=false the real tokens keep the
+    positions the model gives them itself (RoBERTa-style embeddings count from padding_idx + 1), so the prefixed
+    encoder equals the plain one; a different prefix does not."""
+    bb = tiny_encoder(family, tmp_path)
+    bb.model.eval()
+    ids = torch.tensor([[2, 17, 35, 60, 81, 44, 3]])
+    mask = torch.ones_like(ids)
+    bb.injector.capture = {}
+    with torch.no_grad():
+        plain = bb.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    got, bb.injector.capture = bb.injector.capture, None
+    method = build_method({"kind": "prefix"}, bb, prefix_cfg={"kind": "static", "length": ids.shape[1],
+                                                               "shift_positions": False})
+    L = bb.geometry.sites["encoder"].n_layers
+    with torch.no_grad():
+        method.prefix.keys["encoder"].copy_(torch.stack([got[("encoder", i)][0][0] for i in range(L)]))
+        method.prefix.values["encoder"].copy_(torch.stack([got[("encoder", i)][1][0] for i in range(L)]))
+    model = NLUModel(bb, method, task("rte"), "mean", 0.0).eval()
+    with torch.no_grad():
+        ours = model.encode(ids, mask)
+        assert (ours - plain).abs().max().item() <= 1e-5
+        method.prefix.values["encoder"].mul_(-1.0)
+        assert (model.encode(ids, mask) - plain).abs().max().item() > 1e-3
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("family", ["deberta-v2", "distilbert"])
+def test_encoder_families_the_prefix_cannot_reach_are_refused_at_load(family, tmp_path):
+    from prefixtuning.injection import UnsupportedArchitecture
+
+    with pytest.raises(UnsupportedArchitecture, match=f"{family}: the attention modules found per site"):
+        tiny_encoder(family, tmp_path)
+
+
 # ------------------------------------------------------------------------------------------- readers
 @pytest.mark.skipif(not (SHARED / "superglue").is_dir(), reason="needs ../shared/data")
 def test_real_files_have_the_published_counts():

@@ -79,7 +79,8 @@ def _schema() -> dict[str, Spec]:
         "logger.entity": S(STR, null=True), "logger.name": S(STR, null=True), "logger.group": S(STR, null=True),
         "logger.mode": S(STR, null=True, choices=("online", "offline", "disabled")), "logger.tags": S(LIST),
         "paths.*": S(STR, null=True),
-        "recipe.name": S(STR), "recipe.row": S(STR, null=True),
+        "recipe.name": S(STR), "recipe.row": S(STR, null=True), "recipe.lrs": S(dict, null=True),
+        "recipe.lrs.*": S(FLOAT, above=0),
     }
 
 

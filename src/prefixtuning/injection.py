@@ -385,6 +385,9 @@ class PrefixInjector:
         self.observed: dict | None = None  # when a dict, each attention call stores its shapes (probe)
         self.model_type = getattr(model.config, "model_type", type(model).__name__)
         self.sites = find_attention_modules(model)
+        if set(expected_layers) == {"encoder"} and set(self.sites) == {"decoder"}:
+            # an encoder-only model whose layers are not under an `encoder` module (ModernBERT): one site
+            self.sites = {"encoder": self.sites["decoder"]}
         got = {s: len(m) for s, m in self.sites.items()}
         if got != expected_layers:
             raise UnsupportedArchitecture(

@@ -42,7 +42,8 @@ from . import significance as S
 
 REPLICATES = ("seed", "lowres.sample")
 # the task metric a figure plots, in order of preference
-MAIN_METRICS = ("test/BLEU", "test/all/BLEU", "test/ROUGE-L", "test/ROUGE-2", "val/BLEU", "val/loss")
+MAIN_METRICS = ("test/BLEU", "test/all/BLEU", "test/ROUGE-L", "test/ROUGE-2", "test/accuracy", "test/f1a", "test/f1",
+                "val/BLEU", "val/accuracy", "val/loss")
 
 
 @dataclass
@@ -270,6 +271,8 @@ def _predictions(job: Job) -> tuple[str, list[str], list[str], list[list[str]]] 
         return f"no {f.name if not f.is_file() else cfg.name}"
     task = OmegaConf.select(OmegaConf.load(cfg), "data.name")
     rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    if rows and "gold" in rows[0]:  # an NLU task: (where in the official file, predicted label, gold label)
+        return task, [r["where"] for r in rows], [r["pred"] for r in rows], [r["gold"] for r in rows]
     return task, [r["input"] for r in rows], [r["prediction"] for r in rows], [r["references"] for r in rows]
 
 

@@ -36,6 +36,8 @@ import numpy as np
 from .metrics.ngram import _closest, mteval_tokens, ngrams
 from .metrics.tasks import groups_from_files, webnlg_normalize
 from .metrics.ter import corpus_ter, ter_segment_stats
+from .nlu.metrics import chunks
+from .nlu.tasks import NLU_TASKS
 
 SEED = 12345  # sacreBLEU's default
 BOOTSTRAP_RESAMPLES = 1000
@@ -111,8 +113,41 @@ def means(name: str, per_input: Sequence[float]) -> Decomposed:
     return Decomposed(name, rows, lambda s: s[0] / s[1] if s[1] else 0.0)
 
 
+def _f1_counts(s: np.ndarray) -> float:
+    """F1 from summed (tp, fp, fn): 2PR / (P + R) = 2 tp / (2 tp + fp + fn), 0 without a true positive."""
+    tp, fp, fn = s[0], s[1], s[2]
+    return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
+
+
+def nlu_metrics(task: str, preds: Sequence, golds: Sequence) -> dict[str, Decomposed]:
+    """The NLU tasks' metrics per input (labels, or tag lists for NER), named as metrics.json names them: accuracy
+    (a mean), CB's macro-F1 (per-class tp/fp/fn), MultiRC's F1a (tp/fp/fn of "true" per answer option), NER's
+    entity F1 (tp/fp/fn of exact chunks per sentence). MultiRC's EM is per question, not per input: not resampled."""
+    if task in ("conll03", "conll04"):
+        rows = np.zeros((len(preds), 3))
+        for i, (p, g) in enumerate(zip(preds, golds)):
+            pc, gc = chunks(p), chunks(g)
+            rows[i] = (len(pc & gc), len(pc - gc), len(gc - pc))
+        return {"f1": Decomposed("f1", rows, _f1_counts)}
+    out = {"accuracy": means("accuracy", [float(p == g) for p, g in zip(preds, golds)])}
+    if task == "cb":
+        labels = sorted(set(golds) | set(preds) | {"entailment", "contradiction", "neutral"})
+        rows = np.array([[c == p and c == g, c == p and c != g, c != p and c == g] for p, g in zip(preds, golds)
+                         for c in labels], dtype=float).reshape(len(preds), 3 * len(labels))
+        out["f1_macro"] = Decomposed("f1_macro", rows, lambda s: float(np.mean(
+            [_f1_counts(s[3 * k:3 * k + 3]) for k in range(len(labels))])))
+    if task == "multirc":
+        rows = np.array([[p == "true" and g == "true", p == "true" and g != "true", p != "true" and g == "true"]
+                         for p, g in zip(preds, golds)], dtype=float).reshape(-1, 3)
+        out["f1a"] = Decomposed("f1a", rows, _f1_counts)
+    return out
+
+
 def task_metrics(task: str, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, Decomposed]:
-    """The resampleable metrics of a task, named as the run's metrics.json names them (without `test/`)."""
+    """The resampleable metrics of a task, named as the run's metrics.json names them (without `test/`). For the
+    NLU tasks `hyps` are the predicted labels and `refs` the gold ones (nlu_metrics)."""
+    if task in NLU_TASKS:
+        return nlu_metrics(task, hyps, refs)
     if task == "e2e":
         return {"BLEU": e2e_bleu(hyps, refs)}
     if task in ("webnlg", "dart"):
@@ -132,7 +167,8 @@ def task_metrics(task: str, hyps: Sequence[str], refs: Sequence[Sequence[str]]) 
     raise ValueError(f"no paired test for task {task!r}")
 
 
-NOT_RESAMPLED = {"e2e": ("NIST", "METEOR", "ROUGE_L", "CIDEr"), "webnlg": ("METEOR",), "dart": ("METEOR",)}
+NOT_RESAMPLED = {"e2e": ("NIST", "METEOR", "ROUGE_L", "CIDEr"), "webnlg": ("METEOR",), "dart": ("METEOR",),
+                 "multirc": ("em",), "conll03": ("precision", "recall"), "conll04": ("precision", "recall")}
 
 
 # ---------------------------------------------------------------- the tests

@@ -80,6 +80,10 @@ class NLUModel(nn.Module):
         if pooling == "pooler" and getattr(backbone.model, "pooler", None) is None:
             raise HeadError(f"head.pooling=pooler, but {backbone.name} has no pooler layer; use head=cls or head=mean")
         self.backbone, self.method, self.task = backbone, method, task
+        # where a family's first real token sits: 0, or padding_idx + 1 for RoBERTa-style embeddings (which number
+        # positions after the padding index); the prefix's positions (P-tuning v2: the cache's length) come on top
+        pad = getattr(getattr(backbone.model.base_model, "embeddings", None), "padding_idx", None)
+        self.position_base = pad + 1 if isinstance(pad, int) else 0
         self.head = TaskHead(task.kind, backbone.geometry.hidden_size, len(task.labels), pooling, dropout)
 
     # the TunedModel surface the Lightning module, checkpoints and reports use
@@ -101,7 +105,7 @@ class NLUModel(nn.Module):
         mask = inputs.pop("attention_mask")
         inputs.pop("labels")
         self.method.activate(bb, attention_mask)  # APT's gates pool over the whole input
-        extra = {"position_ids": real_positions(mask, self.method.position_offset(bb))}
+        extra = {"position_ids": real_positions(mask, self.method.position_offset(bb) + self.position_base)}
         if token_type_ids is not None:
             extra["token_type_ids"] = F.pad(token_type_ids, (mask.shape[1] - token_type_ids.shape[1], 0))
         out = bb.model.base_model(**inputs, attention_mask=mask, use_cache=False, **extra)
