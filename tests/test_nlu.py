@@ -83,14 +83,13 @@ def test_bert_prefix_equals_explicit_attention(kind):
     ids, mask, tt = pair_batch(m.backbone.tokenizer)
     assert (mask == 0).any() and tt.any()  # padded, two segments
     k, v = m.prefix.key_values()["encoder"]  # (L, 1, nh, P, hd)
-    gate = None
-    if kind == "apt":
-        p = m.prefix
+    p = m.prefix
 
-        def gate(i, h):  # lambda_i * sigmoid(mean of the layer input over real tokens @ W_i + b_i)
-            pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-            return p.layer_scale["encoder"][i] * torch.sigmoid(pooled @ p.gate_weight["encoder"][i]
-                                                               + p.gate_bias["encoder"][i])
+    def apt_gate(i, h):  # lambda_i * sigmoid(mean of the layer input over real tokens @ W_i + b_i)
+        pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return p.layer_scale["encoder"][i] * torch.sigmoid(pooled @ p.gate_weight["encoder"][i]
+                                                           + p.gate_bias["encoder"][i])
+    gate = apt_gate if kind == "apt" else None
     with torch.no_grad():
         ours = m.encode(ids, mask, tt)
         ref = explicit_bert(m.backbone.model, ids, mask, tt, k[:, 0], v[:, 0], offset=5, gate=gate)
@@ -321,6 +320,35 @@ def test_entity_scores_equal_seqeval(scheme):
         assert out["recall"] == pytest.approx(seq_r(gold, pred, zero_division=0), abs=1e-12)
 
 
+@pytest.mark.fast
+def test_paired_test_statistics_of_the_nlu_metrics_equal_the_metrics():
+    """report --compare resamples NLU inputs through per-input statistics: on the whole set and on any subset they
+    give the task's metric exactly (accuracy, CB macro-F1, MultiRC F1a, NER entity F1)."""
+    from prefixtuning.significance import nlu_metrics
+
+    rng = random.Random(3)
+    labels = ["entailment", "contradiction", "neutral"]
+    gold = [rng.choice(labels) for _ in range(40)]
+    pred = [rng.choice(labels) for _ in range(40)]
+    d = nlu_metrics("cb", pred, gold)
+    idx = [labels.index(x) for x in gold], [labels.index(x) for x in pred]
+    for rows in (None, list(range(0, 40, 3))):
+        sel = list(range(40)) if rows is None else rows
+        g, pr = [idx[0][i] for i in sel], [idx[1][i] for i in sel]
+        assert d["accuracy"].corpus(rows) == pytest.approx(M.accuracy(g, pr), abs=1e-12)
+        assert d["f1_macro"].corpus(rows) == pytest.approx(M.f1_macro(g, pr, 3), abs=1e-12)
+    tf = ["true", "false"]
+    g2, p2 = [rng.choice(tf) for _ in range(30)], [rng.choice(tf) for _ in range(30)]
+    assert nlu_metrics("multirc", p2, g2)["f1a"].corpus() == pytest.approx(
+        sk_f1([x == "true" for x in g2], [x == "true" for x in p2]), abs=1e-12)
+    tags = ["O", "B-Peop", "I-Peop", "B-Loc", "I-Loc"]
+    gs = [[rng.choice(tags) for _ in range(rng.randint(1, 9))] for _ in range(25)]
+    ps = [[rng.choice(tags) for _ in g] for g in gs]
+    d = nlu_metrics("conll04", ps, gs)["f1"]
+    assert d.corpus() == pytest.approx(seq_f1(gs, ps, zero_division=0), abs=1e-12)
+    assert d.corpus(list(range(10))) == pytest.approx(M.entity_scores(gs[:10], ps[:10])["f1"], abs=1e-12)
+
+
 # ------------------------------------------------------------------------------------------- features and data
 def datamodule(name, lowres=None, **data):
     bb = load_tiny("bert")
@@ -433,3 +461,18 @@ def test_train_each_task_kind_and_method(tmp_path, data, extra):
         assert metrics["test/f1a"] == pytest.approx(sk_f1(gold, pred, zero_division=0), abs=1e-12)
     else:
         assert metrics["test/accuracy"] == pytest.approx(sum(x["gold"] == x["pred"] for x in rows) / len(rows))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "superglue").is_dir(), reason="needs ../shared/data (the official RTE files)")
+def test_the_readme_nlu_command_trains_and_reports_accuracy(tmp_path):
+    """The README's NLU line, as typed (plus a run folder): all-MiniLM-L6-v2 with APT on the real RTE files, on CPU;
+    it exits 0 and reports dev and test accuracy, the test one equal to its predictions file."""
+    line = next(x for x in (ROOT / "README.md").read_text().splitlines() if x.startswith("python train.py data=rte"))
+    args = line.split("#")[0].split()[1:]
+    r = run([*args, f"hydra.run.dir={tmp_path}"], ROOT, timeout=1800)
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    rows = [json.loads(x) for x in (tmp_path / "predictions_test.jsonl").read_text().splitlines()]
+    assert len(rows) == 277 and 0.0 <= metrics["val/accuracy"] <= 1.0
+    assert metrics["test/accuracy"] == pytest.approx(sum(x["gold"] == x["pred"] for x in rows) / 277, abs=1e-12)

@@ -21,10 +21,14 @@ SMOKE = ["backbone=tiny-gpt2", "trainer.max_steps=2", "trainer.val_check_interva
          "decoding.max_new_tokens=6", "decoding.min_new_tokens=1", "lowres.size=20"]
 # the figure (or other file) each study must produce in its report folder
 FIGURES = {"replay_lowdata": ["lowdata.png"], "replay_init": ["init.png"], "replay_length": ["prefix_length.png"],
-           "replay_apt": ["gates_*.png"], "replay_extrapolation": [], "replay_lr": []}
+           "replay_apt": ["gates_*.png"], "replay_extrapolation": [], "replay_lr": [],
+           "replay_apt_nlu": ["gates_*.png", "significance.md"], "replay_apt_nlu_lr": []}
+# the NLU replays: tiny BERT on the constructed samples of the official formats (every swept task)
+NLU_SMOKE = ["backbone=tiny-bert", "trainer.max_steps=2", "trainer.val_check_interval=1", "test_max_inputs=3",
+             f"paths.data_dir={ROOT / 'src' / 'prefixtuning' / 'data' / 'samples' / 'nlu'}", "data.max_length=512"]
 # fewer replicates than the real study where its sweep is large (the swept dimension itself is kept)
 # (one data sample each: mean ± std over replicates is covered by tests/test_report.py)
-FEWER = {"replay_lr": ["optim.lr_scale=0.333,3.0"], **{name: ["lowres.sample=0"] for name in
+FEWER = {"replay_lr": ["optim.lr_scale=0.333,3.0"], "replay_apt_nlu": ["seed=0"], "replay_apt_nlu_lr": ["optim.lr_scale=3.0"], **{name: ["lowres.sample=0"] for name in
          ("replay_lowdata", "replay_apt", "replay_extrapolation", "replay_init", "replay_length")}}
 
 
@@ -51,6 +55,8 @@ def test_replay_multirun_and_report(tmp_path, name):
     smoke = [o for o in SMOKE if o.split("=", 1)[0] not in swept_here]  # the study's own sweep is kept
     extra = [f"data={data}", *smoke, *FEWER.get(name, [])] + ([] if name == "replay_extrapolation" else
                                                                ["test_max_inputs=3"])
+    if name.startswith("replay_apt_nlu"):
+        extra = [*NLU_SMOKE, *FEWER.get(name, [])]
     sweep = tmp_path / "sweep"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "train.py", "-m", f"experiment={name}", *extra, f"hydra.sweep.dir={sweep}"],
@@ -76,9 +82,11 @@ def test_replay_multirun_and_report(tmp_path, name):
         assert list(report.glob(pattern)), f"{pattern} missing in {sorted(p.name for p in report.iterdir())}"
 
     first = jobs[0]
-    if name == "replay_lr":  # dev only: no test decoding, the dev loss is what the choice reads
+    if name in ("replay_lr", "replay_apt_nlu_lr"):  # dev only: no test scoring, the dev metrics are what the choice reads
         assert not any(k.startswith("test/") and first[k] for k in first)
         assert all(j["val/loss"] for j in jobs)
+    elif name == "replay_apt_nlu":  # each task's own test metric
+        assert all(j["test/f1"] != "" if j["data"] == "conll04" else j["test/accuracy"] != "" for j in jobs)
     else:
         main = "test/all/BLEU" if name == "replay_extrapolation" else "test/BLEU"
         assert all(j[main] != "" for j in jobs)
