@@ -476,3 +476,23 @@ def test_the_readme_nlu_command_trains_and_reports_accuracy(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "predictions_test.jsonl").read_text().splitlines()]
     assert len(rows) == 277 and 0.0 <= metrics["val/accuracy"] <= 1.0
     assert metrics["test/accuracy"] == pytest.approx(sum(x["gold"] == x["pred"] for x in rows) / 277, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_an_nlu_run_stopped_after_an_epoch_and_resumed_equals_the_run_left_alone(tmp_path):
+    """ckpt_path=last on an NLU run (APT prefix and head in the checkpoint, dropout on): the same dev and test
+    numbers and the same test predictions as one uninterrupted run."""
+    common = [str(ROOT / "train.py"), "data=wsc", "backbone=tiny-bert", "prefix=apt", "trainer=cpu", "data.batch_size=4",
+              f"data.data_dir={SAMPLES}/superglue/WSC", "data.max_length=512", "backbone.dropout=0.1",
+              "optim.schedule=constant"]  # (a linear decay would be sized by the stopped run's own epoch count)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert run([*common, "optim.epochs=2", f"hydra.run.dir={whole}"], ROOT).returncode == 0
+    r = run([*common, "optim.epochs=2", "trainer.max_epochs=1", f"hydra.run.dir={part}"], ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run([str(ROOT / "train.py"), f"hydra.run.dir={part}", "ckpt_path=last", "trainer.max_epochs=2",
+             "resume_allow_changes=true"], ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, part))
+    for k in ("val/loss", "val/accuracy", "test/accuracy", "train/loss"):
+        assert a[k] == b[k], k
+    assert (whole / "predictions_test.jsonl").read_text() == (part / "predictions_test.jsonl").read_text()

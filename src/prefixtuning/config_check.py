@@ -184,10 +184,6 @@ def check_train_config(cfg) -> None:
     _check_task(cfg, trainer)
 
 
-# settings of the generation tasks that an NLU run would not use: refused rather than ignored
-_GENERATION_ONLY = {"val_generation.enabled": (True,), "extrapolation.name": None, "data.max_source_tokens": None}
-
-
 def _check_task(cfg, trainer: dict) -> None:
     """The NLU tasks (data=cb, ..., conll04) with a head and none of the generation tasks' settings; the generation
     tasks without a head; both before any model is loaded."""
