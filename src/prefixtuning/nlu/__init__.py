@@ -6,20 +6,13 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from ..data.base import DATASETS
 from .model import NLUModel
-from .tasks import NLU_TASKS, NLUTask
+from .tasks import NLU_TASKS, build_task  # noqa: F401 (part of this package's interface)
 
 
 def is_nlu(cfg) -> bool:
     """Whether a run config is an NLU task (data=cb, rte, ..., conll04)."""
     return OmegaConf.select(cfg, "data.name") in NLU_TASKS
-
-
-def build_task(data_cfg) -> NLUTask:
-    files = dict(data_cfg.files) if data_cfg.get("files") else None
-    return DATASETS[data_cfg.name](data_dir=data_cfg.get("data_dir"), files=files,
-                                   dev_fraction=data_cfg.get("dev_fraction", 0.1))
 
 
 def build_nlu_model(cfg, backbone, method) -> NLUModel:

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.base import DataError, read_text, register_dataset
+from ..data.base import DATASETS, DataError, read_text, register_dataset
 
 KINDS = ("classification", "multiple_choice", "span", "tagging")
 
@@ -413,11 +413,16 @@ class CoNLL04(_NERTask):
 NLU_TASKS = ("cb", "copa", "rte", "wic", "wsc", "boolq", "multirc", "conll03", "conll04")
 
 
+def build_task(data_cfg) -> NLUTask:
+    """The task of a data config (data=cb, ...), reading from data.data_dir."""
+    files = dict(data_cfg.files) if data_cfg.get("files") else None
+    return DATASETS[data_cfg.name](data_dir=data_cfg.get("data_dir"), files=files,
+                                   dev_fraction=data_cfg.get("dev_fraction", 0.1))
+
+
 def preflight_nlu(data_cfg, splits, root=None) -> NLUTask:
     """Before any model is built: every file the run reads exists and every record parses (the NLU counterpart
     of data/datamodule.preflight_data). Returns the task with its parsed splits cached."""
-    from . import build_task
-
     task = build_task(data_cfg)
     for split in splits:
         path = task.path(split)
