@@ -6,6 +6,8 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from prefixtuning.nlu import build_task, is_nlu
+from prefixtuning.nlu.data import NLUDataModule
 from omegaconf import OmegaConf
 from transformers import BartConfig, GPT2Config, LlamaConfig
 
@@ -45,7 +47,8 @@ def test_groups_are_the_documented_ones():
 @pytest.mark.parametrize("init", options("init"))
 def test_backbone_prefix_init_build(tmp_path, backbone, prefix, init):
     cfg = compose_cfg([f"backbone={backbone}", f"prefix={prefix}", f"init={init}", "prefix.length=3",
-                       "prefix.mid_dim=16" if prefix == "reparam" else "seed=0"], tmp_path)
+                       "prefix.mid_dim=16" if prefix == "reparam" else "seed=0",
+                       *(["data=rte"] if backbone == "tiny-bert" else [])], tmp_path)  # an encoder: an NLU task
     bb = load_backbone(cfg)
     model = build_model(cfg, bb)
     assert model.prefix.kind == cfg.prefix.kind and model.prefix.length == 3
@@ -56,6 +59,14 @@ def test_backbone_prefix_init_build(tmp_path, backbone, prefix, init):
 @pytest.mark.parametrize("data", options("data"))
 def test_data_options_build(tmp_path, data):
     cfg = compose_cfg([f"data={data}"], tmp_path)
+    if is_nlu(cfg):  # the NLU tasks: their own data module (tests/test_nlu.py reads every one)
+        bb = load_backbone(compose_cfg(["backbone=tiny-bert"], tmp_path))
+        task = build_task(cfg.data)
+        if not task.path("test").is_file() or not task.path("train").is_file():
+            pytest.skip(f"{task.path('train')} is not available here (BoolQ has no train file in the mirror)")
+        dm = NLUDataModule(cfg.data, task, bb.tokenizer)
+        assert len(dm.features("dev")) > 0 and len(dm.features("test")) > 0
+        return
     bb = load_backbone(compose_cfg([], tmp_path))
     dm = PrefixDataModule(cfg.data, bb.tokenizer, False)
     if cfg.data.data_dir:  # the official files: present on this project's machines except where noted
@@ -165,12 +176,16 @@ REPLAY_CELLS = [(e, r) for e in options("experiment") if e.startswith("replay_")
 
 @pytest.mark.parametrize("experiment,row", REPLAY_CELLS)
 def test_every_replay_row_takes_the_replay_settings(tmp_path, experiment, row):
-    """One row family: a replay job is the paper's row file with conf/recipe_row/replay/<row>.yaml over it."""
+    """One row family: a replay job is the paper's row file with conf/recipe_row/<recipe>/<row>.yaml over it
+    (recipe replay; the NLU replays' replay_nlu)."""
     cfg = compose_cfg([f"experiment={experiment}", f"row={row}"], tmp_path)
     check_train_config(cfg)
-    assert (cfg.recipe.name, cfg.recipe.row) == ("replay", row)
-    recipe = file_settings(CONF / "recipe_row" / "replay" / f"{row}.yaml")
+    name = "replay_nlu" if "nlu" in experiment else "replay"
+    assert (cfg.recipe.name, cfg.recipe.row) == (name, row)
+    recipe = file_settings(CONF / "recipe_row" / name / f"{row}.yaml")
     for key, value in recipe.items():
+        if value == "${recipe.lrs.${data.name}}":  # the NLU replays: the lr chosen for the run's task
+            value = cfg.recipe.lrs[cfg.data.name]
         assert OmegaConf.select(cfg, key) == value, key
 
 
