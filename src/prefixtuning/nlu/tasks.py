@@ -332,6 +332,35 @@ class _NERTask(NLUTask):
     def labels(self) -> tuple[str, ...]:
         return ("O", *(f"{p}-{t}" for t in self.types for p in "BI"))
 
+    def boundary(self, line: str) -> bool:
+        """Whether a line ends the current sentence (and is no token)."""
+        raise NotImplementedError
+
+    def token(self, path, n: int, line: str, index: int) -> tuple[str, str]:
+        """(word, tag) of token line `n`, the sentence's `index`-th; a DataError naming the line otherwise."""
+        raise NotImplementedError
+
+    def read(self, path):
+        """One record per sentence; blank lines that are not boundaries are skipped."""
+        out, words, tags, first = [], [], [], 0
+        for n, line in enumerate(read_text(path).split("\n") + [None], 1):
+            if line is None or self.boundary(line.rstrip("\r")):
+                if words:
+                    out.append(self.sentence(path, first, words, tags))
+                words, tags = [], []
+                continue
+            line = line.rstrip("\r")
+            if not line.strip():
+                continue
+            word, tag = self.token(path, n, line, len(words))
+            if not words:
+                first = n
+            words.append(word)
+            tags.append(tag)
+        if not out:
+            raise DataError(f"{path} holds no sentences")
+        return out
+
     def sentence(self, path: Path, line: int, words: list[str], tags: list[str]) -> NLURecord:
         where = f"{path}, line {line}"
         for i, t in enumerate(tags):
@@ -351,27 +380,15 @@ class CoNLL03(_NERTask):
     types = ("PER", "LOC", "ORG", "MISC")
     default_files = {"train": "eng.train", "dev": "eng.testa", "test": "eng.testb"}
 
-    def read(self, path):
-        out, words, tags, first = [], [], [], 0
-        lines = read_text(path).split("\n")
-        for n, line in enumerate(lines + [""], 1):
-            line = line.rstrip("\r")
-            if not line.strip() or line.startswith("-DOCSTART-"):
-                if words:
-                    out.append(self.sentence(path, first, words, tags))
-                words, tags = [], []
-                continue
-            cols = line.split(" ")
-            if len(cols) != 4:
-                raise DataError(f"{path}, line {n}: expected 4 space-separated columns (word POS chunk NER), got "
-                                f"{len(cols)}: {line!r:.80}")
-            if not words:
-                first = n
-            words.append(cols[0])
-            tags.append(cols[3])
-        if not out:
-            raise DataError(f"{path} holds no sentences")
-        return out
+    def boundary(self, line: str) -> bool:
+        return not line.strip() or line.startswith("-DOCSTART-")
+
+    def token(self, path, n: int, line: str, index: int) -> tuple[str, str]:
+        cols = line.split(" ")
+        if len(cols) != 4:
+            raise DataError(f"{path}, line {n}: expected 4 space-separated columns (word POS chunk NER), got "
+                            f"{len(cols)}: {line!r:.80}")
+        return cols[0], cols[3]
 
 
 @register_dataset("conll04")
@@ -384,30 +401,18 @@ class CoNLL04(_NERTask):
     types = ("Peop", "Loc", "Org", "Other")
     default_files = {"train": "train.txt", "dev": "dev.txt", "test": "test.txt"}
 
-    def read(self, path):
-        out, words, tags, first = [], [], [], 0
-        lines = read_text(path).split("\n")
-        for n, line in enumerate(lines + ["#doc end"], 1):
-            line = line.rstrip("\r")
-            if line.startswith("#doc") or (not line.strip() and n == len(lines) + 1):
-                if words:
-                    out.append(self.sentence(path, first, words, tags))
-                words, tags, first = [], [], n + 1
-                continue
-            if not line.strip():
-                continue
-            cols = line.split("\t")
-            if len(cols) != 5:
-                raise DataError(f"{path}, line {n}: expected 5 tab-separated columns (index word tag relations heads), "
-                                f"got {len(cols)}: {line!r:.80}")
-            if not cols[0].isdigit() or int(cols[0]) != len(words):
-                raise DataError(f"{path}, line {n}: token index {cols[0]!r}, expected {len(words)} (a line is "
-                                f"missing or out of order)")
-            words.append(cols[1])
-            tags.append(cols[2])
-        if not out:
-            raise DataError(f"{path} holds no sentences")
-        return out
+    def boundary(self, line: str) -> bool:
+        return line.startswith("#doc")
+
+    def token(self, path, n: int, line: str, index: int) -> tuple[str, str]:
+        cols = line.split("\t")
+        if len(cols) != 5:
+            raise DataError(f"{path}, line {n}: expected 5 tab-separated columns (index word tag relations heads), "
+                            f"got {len(cols)}: {line!r:.80}")
+        if not cols[0].isdigit() or int(cols[0]) != index:
+            raise DataError(f"{path}, line {n}: token index {cols[0]!r}, expected {index} (a line is missing or out "
+                            f"of order)")
+        return cols[1], cols[2]
 
 
 NLU_TASKS = ("cb", "copa", "rte", "wic", "wsc", "boolq", "multirc", "conll03", "conll04")
