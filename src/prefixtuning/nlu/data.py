@@ -17,7 +17,6 @@ import random
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 from pathlib import Path
 
@@ -179,7 +178,3 @@ class NLUDataModule(PrefixDataModule):
                 ids = f["input_ids"]
                 n = max(n, max(map(len, ids)) if isinstance(ids[0], list) else len(ids))
         return {"encoder": n}
-
-    def test_dataloader(self, split: str = "test"):
-        return DataLoader(self.features(split), batch_size=self.cfg.get("eval_batch_size", self.cfg.batch_size),
-                          shuffle=False, collate_fn=self.collate)

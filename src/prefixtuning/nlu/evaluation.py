@@ -79,25 +79,24 @@ def evaluate_split(model, data, split: str, output_dir: Path | None, max_inputs:
     result = score(task, records, preds)
     result["n"] = len(records)
     if output_dir is not None:
-        name = (lambda i: task.labels[i])
-        lines = [json.dumps({"where": r.where, "gold": _show(task, r, name), "pred": _pred(task, p, name)})
+        lines = [json.dumps({"where": r.where, "gold": _gold(task, r), "pred": _named(task, p)})
                  for r, p in zip(records, preds)]
         atomic.write_lines(Path(output_dir) / f"predictions_{split}.jsonl", lines)
         atomic.write_json(Path(output_dir) / f"scores_{split}.json", result)
         if gates:  # APT: the gate heatmap of this split (gates_<split>.csv / .png), as for the generation tasks
             write_gate_report(gates, model.method.gated_prefix(), Path(output_dir), split)
     for r, p in list(zip(records, preds))[:show_examples]:
-        print(f"[example] {r.where}\n  gold: {_show(task, r, lambda i: task.labels[i])}\n  pred: "
-              f"{_pred(task, p, lambda i: task.labels[i])}", flush=True)
+        print(f"[example] {r.where}\n  gold: {_gold(task, r)}\n  pred: {_named(task, p)}", flush=True)
     return result
 
 
-def _show(task, r: NLURecord, name):
-    return [name(t) for t in r.tags] if task.kind == "tagging" else name(r.label)
+def _named(task, label):
+    """A label index (tagging: a list of them) as the task's label name(s)."""
+    return [task.labels[i] for i in label] if task.kind == "tagging" else task.labels[label]
 
 
-def _pred(task, p, name):
-    return [name(i) for i in p] if task.kind == "tagging" else name(p)
+def _gold(task, r: NLURecord):
+    return _named(task, list(r.tags) if task.kind == "tagging" else r.label)
 
 
 class NLUModule(PrefixTuningModule):
