@@ -266,6 +266,11 @@ def _check_groups(cfg) -> None:
         node = OmegaConf.select(cfg, group)
         if chosen == "none" and node is not None and set(node) - {"kind"}:
             raise ConfigError(f"{group}=none, but {group}.{sorted(set(node) - {'kind'})[0]} is set: nothing reads it")
+    prefix_kind, init_kind = OmegaConf.select(cfg, "prefix.kind"), OmegaConf.select(cfg, "init.kind")
+    if (prefix_kind in PREFIXES and not PREFIXES[prefix_kind].positional
+            and init_kind not in (None, "none", "random")):
+        raise ConfigError(f"init={init_kind} fills prefix positions with the activations of words; prefix={prefix_kind} "
+                          f"has no positions (choose init=random)")
 
 
 def _check_recipe(cfg) -> None:

@@ -72,6 +72,9 @@ def initialize_prefix(cfg, prefix: Prefix, backbone: Backbone) -> dict:
             prefix.reset_random(float(std))  # static / apt; reparam keeps its own initialization
         return {"init": "random", "std": std}
     text = cfg["text"]
+    if not prefix.positional:
+        raise ValueError(f"init.kind={kind} fills prefix positions with the activations of words; a {prefix.kind} "
+                         f"prefix has none (use init=random)")
     target = word_activations(backbone, text, prefix.length)
     target = {s: target[s] for s in prefix.sites}
     errors = prefix.set_key_values(target)

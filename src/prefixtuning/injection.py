@@ -89,6 +89,12 @@ class PrefixState:
     # site -> (the mask the model passed, (B, q, kv, P, causal), that mask with the prefix columns): the
     # last one built, reused by the site's other layers in the same forward pass
     masks: dict = field(default_factory=dict)
+    # PrefixMemory-Tuning (prefixes/memory.py): site -> M, (n_layers, B0, n_kv_heads, F, value head size), read
+    # outside the softmax as phi(q) M and added to the attention output of every query head of the kv group;
+    # `feature_map` is phi, elementwise (F = head size). A site may have keys/values, a memory, or both (a bank
+    # batch that mixes kinds); rows of a memory whose M is zero compute the plain attention exactly.
+    memory: dict[str, Tensor] = field(default_factory=dict)
+    feature_map: Callable[[Tensor], Tensor] | None = None
 
 
 def match_rows(t: Tensor, rows: int, what: str = "prefix") -> Tensor:
@@ -111,6 +117,33 @@ def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
 
 def _prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Tensor | None, **kwargs):
+    out, probs = _attention_with_prefix(module, query, key, value, attention_mask, **kwargs)
+    tag = getattr(module, "_prefix_tag", None)
+    state = tag.injector.state if tag is not None else None
+    if state is not None and tag.site in state.memory:
+        out = out + memory_read(query, state.memory[tag.site][tag.layer], state.feature_map).to(out.dtype)
+    return out, probs
+
+
+def memory_read(query: Tensor, memory: Tensor, feature_map: Callable[[Tensor], Tensor]) -> Tensor:
+    """PrefixMemory-Tuning's term phi(q_i)^T M for every query token and head, outside the softmax.
+
+    query (B, H, q, hd) as the attention receives it (after the family's rotary embedding); memory (B0, n_kv, F,
+    vd) with B0 dividing B (1: one memory for the batch; per row, or per row before beam expansion). The H query
+    heads read the memory of their kv group, as they read that group's keys and values. Returns (B, q, H, vd),
+    the layout of the attention output."""
+    B, H, q_len, hd = query.shape
+    n_kv = memory.shape[1]
+    if H % n_kv:
+        raise ValueError(f"{H} query heads cannot share {n_kv} memory heads")
+    mem = match_rows(memory, B, "memory").to(query.dtype)  # (B, n_kv, F, vd)
+    phi = feature_map(query).reshape(B, n_kv, (H // n_kv) * q_len, hd)  # heads of a group stacked as queries
+    out = torch.matmul(phi, mem)  # (B, n_kv, g * q, vd)
+    return out.reshape(B, H, q_len, mem.shape[-1]).transpose(1, 2)
+
+
+def _attention_with_prefix(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                           attention_mask: Tensor | None, **kwargs):
     tag = getattr(module, "_prefix_tag", None)
     if tag is not None and tag.injector.observed is not None:  # the reach probe (PrefixInjector.probe)
         tag.injector.observed[(tag.site, tag.layer)] = (tuple(query.shape), tuple(key.shape), tuple(value.shape))

@@ -8,7 +8,8 @@
 PEFT keeps the prefix in the key/value cache, so its real tokens start at position P: only prefixes trained
 with `prefix.shift_positions=true` (the default) equal PEFT's. PEFT's tensor is `prompt_embeddings` of shape
 (P, n_layers * 2 * n_kv_heads * head_dim), viewed as (P, layer, key|value, kv head, head_dim). Static and
-reparam prefixes export (reparam as its computed prefix); APT's gates have no PEFT counterpart; PEFT's
+reparam prefixes export (reparam as its computed prefix); APT's gates and PrefixMemory's memory have no PEFT
+counterpart; PEFT's
 `prefix_projection=true` adapters hold an MLP, not the prefix, and are refused on import.
 """
 
@@ -37,6 +38,9 @@ def export_peft(prefix: Prefix, backbone, out_dir: str | Path, shift_positions: 
     if backbone.is_encoder_decoder:
         raise ExportError("PEFT's prefix tuning of an encoder-decoder prefixes the decoder only; this prefix also "
                           "has encoder and cross-attention parts, so it has no PEFT equivalent")
+    if not prefix.positional:
+        raise ExportError(f"a {prefix.kind} prefix is read outside the softmax (PrefixMemory-Tuning) and PEFT's prefix "
+                          f"tuning has no counterpart; export format=prefixtuning")
     if not shift_positions:
         raise ExportError("PEFT puts the prefix in the cache, so real tokens start at position P; this prefix was "
                           "trained with prefix.shift_positions=false and would not give the same outputs")

@@ -81,16 +81,16 @@ class PrefixBank:
                                device=self.device)
         kv: dict[str, tuple[Tensor, Tensor]] = {}
         masks: dict[str, Tensor] = {}
-        sites = {s for e in used.values() for s in e.prefix.sites}
+        sites = {s for e in used.values() if e.prefix.positional for s in e.prefix.sites}
         for site in sites:
             g = self.backbone.geometry.sites[site]
-            p_max = max(e.prefix.length for e in used.values() if site in e.prefix.sites)
-            ref = next(iter(used.values())).prefix.keys[site]
+            p_max = max(e.prefix.length for e in used.values() if e.prefix.positional and site in e.prefix.sites)
+            ref = next(e.prefix for e in used.values() if e.prefix.positional).keys[site]
             K = ref.new_zeros(g.n_layers, B, g.n_kv_heads, p_max, g.head_dim)
             V = ref.new_zeros(g.n_layers, B, g.n_kv_heads, p_max, g.v_dim)
             M = torch.zeros(B, p_max, dtype=torch.bool, device=self.device)
             for row, pid in enumerate(prefix_ids):
-                if pid is None or site not in used[pid].prefix.sites:
+                if pid is None or not used[pid].prefix.positional or site not in used[pid].prefix.sites:
                     continue
                 pre = used[pid].prefix
                 K[:, row, :, : pre.length] = pre.keys[site]
@@ -101,7 +101,28 @@ class PrefixBank:
         if any(e.prefix.gated for e in used.values()):
             gate_fn = self._gate_fn(prefix_ids, {s: kv[s][0].shape[3] for s in sites})
         state = PrefixState(kv=kv, gate_fn=gate_fn, source_mask=source_mask, prefix_mask=masks)
+        self._add_memories(state, prefix_ids, used)
         return state, offsets
+
+    def _add_memories(self, state: PrefixState, prefix_ids, used: dict[str, _Entry]) -> None:
+        """Rows of memory prefixes (PrefixMemory-Tuning): per site one (n_layers, B, n_kv, F, vd) memory, each row
+        its prefix's M and zero elsewhere (a zero memory adds exactly nothing). One feature map per batch: memories
+        trained with different maps are refused in one batch rather than read with the wrong one."""
+        memory = {pid: e.prefix for pid, e in used.items() if not e.prefix.positional}
+        if not memory:
+            return
+        maps = {p.feature_map for p in memory.values()}
+        if len(maps) > 1:
+            raise ValueError(f"one batch mixes memory prefixes with different feature maps ({', '.join(sorted(maps))}: "
+                             f"{', '.join(sorted(memory))}); serve them in separate batches")
+        for site in {s for p in memory.values() for s in p.sites}:
+            ref = next(p.memory[site] for p in memory.values() if site in p.sites)  # (L, n_kv, F, vd)
+            M = ref.new_zeros(ref.shape[0], len(prefix_ids), *ref.shape[1:])
+            for row, pid in enumerate(prefix_ids):
+                if pid in memory and site in memory[pid].sites:
+                    M[:, row] = memory[pid].memory[site]
+            state.memory[site] = M
+        state.feature_map = next(iter(memory.values())).phi
 
     def _gate_fn(self, prefix_ids, p_max: dict[str, int]):
         """Per-row APT gates: each gated prefix gates its own rows; other rows get 1."""

@@ -70,7 +70,7 @@ class PrefixMethod(Method):
         served = self.prefix.inference()
         tensors = served.export_tensors()
         return tensors, {"kind": served.kind, "trained_kind": self.prefix.kind, "length": served.length,
-                         "sites": served.sites, "shift_positions": self.shift_positions,
+                         "sites": served.sites, "settings": served.extra_config(), "shift_positions": self.shift_positions,
                          "dtype": str(next(iter(tensors.values())).dtype)}
 
     @classmethod
@@ -82,6 +82,8 @@ class PrefixMethod(Method):
         """Nothing left to load: `from_export` rebuilt the prefix from the tensors."""
 
     def summary(self) -> str:
+        if not self.prefix.positional:
+            return f"{self.prefix.kind} prefix (no positions; {self.prefix.describe()})"
         return f"{self.prefix.kind} prefix, P={self.prefix.length}"
 
     def describe(self) -> dict:
@@ -102,4 +104,4 @@ def load_exported_prefix(geometry, meta: dict, tensors, source: str) -> Prefix:
     if cls is None or not cls.exported:
         raise ValueError(f"{source}: exported prefix kind {meta.get('kind')!r} is not one of "
                          f"{', '.join(k for k, c in sorted(PREFIXES.items()) if c.exported)}")
-    return cls.from_export(geometry, meta["length"], meta["sites"], tensors, source)
+    return cls.from_export(geometry, meta["length"], meta["sites"], tensors, source, meta.get("settings"))

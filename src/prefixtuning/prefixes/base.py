@@ -41,6 +41,10 @@ class Prefix(nn.Module):
     settings = {"length": S(INT, min=1), "sites": S(LIST, null=True), "dropout": S(FLOAT, min=0, max=1),
                 "shift_positions": S(BOOL)}
 
+    # Whether the kind puts P key/value positions in front of each attention's keys (every kind but `memory`,
+    # whose length is 0: it occupies no positions and shifts no token).
+    positional = True
+
     def __init__(self, geometry: Geometry, length: int, sites: Iterable[str] | None = None, dropout: float = 0.0):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
@@ -48,7 +52,7 @@ class Prefix(nn.Module):
         # dropout on the prefix keys and values during training (P-Tuning v2 uses 0.1); a training setting,
         # not part of the prefix's identity
         self.dropout = float(dropout)
-        if length < 1:
+        if self.positional and length < 1:
             raise ValueError(f"prefix.length must be at least 1, got {length}")
         self.geometry = geometry
         self.length = int(length)
@@ -101,9 +105,15 @@ class Prefix(nn.Module):
         return {f"{site}.{name}": getattr(self, name)[site].detach() for site in self.sites for name in self.exported}
 
     @classmethod
-    def from_export(cls, geometry: Geometry, length: int, sites, tensors: dict[str, Tensor], source: str) -> "Prefix":
-        """The prefix of an export, on `geometry`; errors name the file and what does not fit."""
-        prefix = cls(geometry, length, sites)
+    def from_export(cls, geometry: Geometry, length: int, sites, tensors: dict[str, Tensor], source: str,
+                    settings: dict | None = None) -> "Prefix":
+        """The prefix of an export, on `geometry`; errors name the file and what does not fit. `settings` are the
+        kind's `extra_config()` as exported (memory: its feature map), passed back to its constructor."""
+        try:
+            prefix = cls(geometry, length, sites, **(settings or {}))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: a {cls.kind} prefix cannot be built from the exported settings "
+                             f"{settings}: {err}") from None
         want = {f"{site}.{name}" for site in prefix.sites for name in cls.exported}
         if set(tensors) != want:
             raise ValueError(f"{source}: a {cls.kind} prefix holds {sorted(want)}, the file has {sorted(tensors)}")
