@@ -191,3 +191,33 @@ def test_settings_that_would_not_take_effect_are_refused_before_any_work():
         check_train_config(compose_cfg(base + ["init=task_words"], "/tmp/unused"))
     with pytest.raises(ConfigError, match="prefix.length"):
         check_train_config(compose_cfg(base + ["init=random", "+prefix.length=5"], "/tmp/unused"))
+
+
+def test_train_py_trains_resumes_exactly_evaluates_and_exports(tmp_path):
+    """prefix=memory through what the user types (row=memory): trains from M = 0, resumes to the same tensors,
+    and evaluate.py gives the same numbers on the checkpoint and on its export."""
+    from prefixtuning.evaluation import evaluate
+    from prefixtuning.export import export_checkpoint
+    from prefixtuning.training import train
+    from test_methods import SMALL
+    from test_training import interrupted_run
+
+    common = SMALL + ["row=memory", "backbone=tiny-llama", "optim.epochs=2", "optim.lr=1.0e-2"]
+    full = train(compose_cfg(common, tmp_path / "full"))
+    interrupted_run(compose_cfg(common, tmp_path / "part"))
+    resumed = train(compose_cfg(common + ["ckpt_path=last"], tmp_path / "part"))
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert set(a["state_dict"]) == {"model.method.prefix.memory.decoder"}
+    assert torch.equal(a["state_dict"]["model.method.prefix.memory.decoder"],
+                       b["state_dict"]["model.method.prefix.memory.decoder"])
+    assert a["state_dict"]["model.method.prefix.memory.decoder"].abs().max() > 0  # trained away from M = 0
+    assert resumed["val/loss"] == full["val/loss"]
+    out = export_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt", tmp_path / "export")
+    assert json.loads((out.parent / "prefix.json").read_text())["kind"] == "memory"
+    ev = ["split=dev", "max_inputs=2", "progress=false", "decoding=greedy", "decoding.max_new_tokens=5"]
+    e1 = evaluate(compose_cfg([f"ckpt={tmp_path / 'full' / 'checkpoints' / 'last.ckpt'}", *ev], tmp_path / "ev1",
+                              config_name="eval"))
+    e2 = evaluate(compose_cfg([f"ckpt={tmp_path / 'export'}", *ev], tmp_path / "ev2", config_name="eval"))
+    assert e1["reference_loss"] == e2["reference_loss"]
+    assert (tmp_path / "ev1" / "predictions_dev.txt").read_text() == (tmp_path / "ev2" / "predictions_dev.txt").read_text()

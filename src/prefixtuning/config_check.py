@@ -270,7 +270,7 @@ def _check_groups(cfg) -> None:
     if (prefix_kind in PREFIXES and not PREFIXES[prefix_kind].positional
             and init_kind not in (None, "none", "random")):
         raise ConfigError(f"init={init_kind} fills prefix positions with the activations of words; prefix={prefix_kind} "
-                          f"has no positions (choose init=random)")
+                          f"has no positions (choose init=random init.std=null: M = 0, the frozen backbone at step 0; or a small init.std)")
 
 
 def _check_recipe(cfg) -> None:

@@ -74,7 +74,7 @@ def initialize_prefix(cfg, prefix: Prefix, backbone: Backbone) -> dict:
     text = cfg["text"]
     if not prefix.positional:
         raise ValueError(f"init.kind={kind} fills prefix positions with the activations of words; a {prefix.kind} "
-                         f"prefix has none (use init=random)")
+                         f"prefix has none (use init=random init.std=null: M = 0; or a small init.std)")
     target = word_activations(backbone, text, prefix.length)
     target = {s: target[s] for s in prefix.sites}
     errors = prefix.set_key_values(target)

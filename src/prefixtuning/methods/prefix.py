@@ -82,9 +82,7 @@ class PrefixMethod(Method):
         """Nothing left to load: `from_export` rebuilt the prefix from the tensors."""
 
     def summary(self) -> str:
-        if not self.prefix.positional:
-            return f"{self.prefix.kind} prefix (no positions; {self.prefix.describe()})"
-        return f"{self.prefix.kind} prefix, P={self.prefix.length}"
+        return self.prefix.summary()
 
     def describe(self) -> dict:
         return {"kind": "prefix", "prefix": self.prefix.describe(), "shift_positions": self.shift_positions}

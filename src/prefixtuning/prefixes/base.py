@@ -129,6 +129,9 @@ class Prefix(nn.Module):
         """Redraw the trainable tensors ~ N(0, std^2); False where the kind keeps its own initialization."""
         return False
 
+    def summary(self) -> str:
+        return f"{self.kind} prefix, P={self.length}"
+
     def describe(self) -> dict:
         return {"kind": self.kind, "length": self.length, "sites": self.sites, **self.extra_config()}
 

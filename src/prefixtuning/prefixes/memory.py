@@ -99,5 +99,8 @@ class MemoryPrefix(Prefix):
             self.memory[s].normal_(0.0, std)
         return True
 
+    def summary(self) -> str:
+        return f"memory prefix (M per layer and kv head, phi={self.feature_map}; no positions)"
+
     def extra_config(self) -> dict:
         return {"feature_map": self.feature_map}
