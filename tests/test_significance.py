@@ -90,6 +90,16 @@ def test_a_system_against_itself_is_not_separable_and_a_clear_gain_is():
     assert S.approximate_randomization(a, S.e2e_bleu(B, REFS), trials=2000) < 0.05
 
 
+def test_the_verdict_says_differs_only_where_every_test_agrees():
+    assert S.verdict(0.01, p_ar=0.02, interval=(0.001, 0.3)) == "differs (p < 0.05)"
+    assert S.verdict(0.01, p_ar=0.02, interval=(-0.3, -0.001)) == "differs (p < 0.05)"
+    # sacreBLEU's bootstrap p below the threshold while the percentile interval crosses 0, or AR above it
+    assert S.verdict(0.019, p_ar=0.0508, interval=(-0.0034, 0.1333)) == "not separable (tests disagree)"
+    assert S.verdict(0.01, p_ar=0.2, interval=(0.001, 0.3)) == "not separable (tests disagree)"
+    assert S.verdict(0.2, p_ar=0.01) == "not separable (tests disagree)"
+    assert S.verdict(0.2, p_ar=0.3, interval=(-0.1, 0.1)) == "not separable"
+
+
 def test_different_inputs_are_refused():
     with pytest.raises(ValueError, match="same inputs"):
         S.paired_bootstrap(S.e2e_bleu(A, REFS), S.e2e_bleu(A[:6], REFS[:6]))

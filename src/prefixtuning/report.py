@@ -330,11 +330,13 @@ def compare(jobs: list[Job], keys: list[str], baseline: str, resamples: int = 10
                 b_all = S.pooled([mb[name] for _, _, mb in per])
                 boot = S.paired_bootstrap(a_all, b_all, resamples, seed)
                 each = [mb[name].corpus() - ma[name].corpus() for _, ma, mb in per]
+                p_ar = S.approximate_randomization(a_all, b_all, trials, seed)
                 row["metrics"][f"test/{name}"] = {
-                    **boot, "p_ar": S.approximate_randomization(a_all, b_all, trials, seed),
+                    **boot, "p_ar": p_ar,
                     "per_pair": each, "signs": (sum(d > 0 for d in each), sum(d < 0 for d in each),
                                                 sum(d == 0 for d in each)),
-                    "higher_is_better": a_all.higher_is_better, "verdict": S.verdict(boot["p"])}
+                    "higher_is_better": a_all.higher_is_better,
+                    "verdict": S.verdict(boot["p"], p_ar=p_ar, interval=(boot["low"], boot["high"]))}
             row["not_resampled"] = [f"test/{m}" for m in S.NOT_RESAMPLED.get(task, ())]
         out.append(row)
     return out

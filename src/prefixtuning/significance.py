@@ -214,8 +214,19 @@ def _paired(a: Decomposed, b: Decomposed) -> int:
     return len(a.stats)
 
 
-def verdict(p: float, alpha: float = ALPHA) -> str:
-    return f"differs (p < {alpha:g})" if p < alpha else "not separable"
+def verdict(p: float, alpha: float = ALPHA, p_ar: float | None = None,
+            interval: tuple[float, float] | None = None) -> str:
+    """"differs" only where every test given agrees: the bootstrap p, the approximate-randomization p and the 95%
+    bootstrap interval (which must exclude 0). sacreBLEU's bootstrap p (centred |differences|) and the percentile
+    interval can disagree near the threshold; such a case is reported as not separable, saying so."""
+    votes = [p < alpha]
+    if p_ar is not None:
+        votes.append(p_ar < alpha)
+    if interval is not None:
+        votes.append(interval[0] > 0 or interval[1] < 0)
+    if all(votes):
+        return f"differs (p < {alpha:g})"
+    return "not separable (tests disagree)" if any(votes) else "not separable"
 
 
 def pooled(parts: Sequence[Decomposed]) -> Decomposed:
