@@ -43,11 +43,12 @@ def nlu_model(name="rte", kind="static", length=4, pooling="cls", **prefix):
 
 
 # ------------------------------------------------------------------------------------------- the prefix in BERT
-def explicit_bert(model, ids, mask, tt, pk, pv, offset, gate=None):
+def explicit_bert(model, ids, mask, tt, pk, pv, offset, gate=None, memory=None):
     """BERT's encoder written out by hand with P prefix keys/values in front of every layer's own:
     softmax(q [Pk; k]^T / sqrt(hd) + padding mask) [Pv; v], post-LN residual blocks. Real tokens sit at positions
     offset + 0, 1, ... (P-tuning v2's convention: the cache's length shifts BERT's positions). `gate(i, h)`: APT's
-    scale of layer i from its input h."""
+    scale of layer i from its input h. `memory`: (M (L, nh, hd, hd), phi): PrefixMemory's phi(q) M added to each
+    head's output."""
     emb = model.embeddings
     B, T = ids.shape
     pos = torch.arange(T)[None].expand(B, T) + offset
@@ -64,7 +65,10 @@ def explicit_bert(model, ids, mask, tt, pk, pv, offset, gate=None):
             kp, vp = kp * g, vp * g
         k, v = torch.cat([kp, k], dim=2), torch.cat([vp, v], dim=2)
         scores = (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(~allowed[:, None], float("-inf"))
-        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, nh * hd)
+        out = scores.softmax(-1) @ v
+        if memory is not None:
+            out = out + memory[1](q) @ memory[0][i]
+        out = out.transpose(1, 2).reshape(B, T, nh * hd)
         a = layer.attention.output.LayerNorm(layer.attention.output.dense(out) + h)
         h = layer.output.LayerNorm(layer.output.dense(layer.intermediate(a)) + a)
     return h
@@ -98,6 +102,28 @@ def test_bert_prefix_equals_explicit_attention(kind):
     m.backbone.injector.deactivate()  # and the prefix matters
     with torch.no_grad():
         plain = m.backbone.model(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+    assert (plain - ours)[real].abs().max().item() > 1e-2
+
+
+@pytest.mark.fast
+def test_bert_memory_prefix_equals_explicit_attention():
+    """PrefixMemory at the encoder site of a bidirectional encoder: phi(q) M added to every head's output, no
+    positions taken (tokens start at 0)."""
+    import torch.nn.functional as F
+
+    m = nlu_model(kind="memory", length=0)
+    m.method.prefix.reset_random(0.3)
+    ids, mask, tt = pair_batch(m.backbone.tokenizer)
+    L, nh, _, hd = m.method.prefix.memory["encoder"].shape
+    none = torch.zeros(L, nh, 0, hd)
+    with torch.no_grad():
+        ours = m.encode(ids, mask, tt)
+        ref = explicit_bert(m.backbone.model, ids, mask, tt, none, none, offset=0,
+                            memory=(m.method.prefix.memory["encoder"], lambda x: F.elu(x) + 1))
+        m.backbone.injector.deactivate()
+        plain = m.backbone.model(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+    real = mask.bool()
+    assert (ours - ref)[real].abs().max().item() <= 1e-5
     assert (plain - ours)[real].abs().max().item() > 1e-2
 
 
