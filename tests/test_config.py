@@ -46,12 +46,20 @@ def test_groups_are_the_documented_ones():
 @pytest.mark.parametrize("prefix", options("prefix"))
 @pytest.mark.parametrize("init", options("init"))
 def test_backbone_prefix_init_build(tmp_path, backbone, prefix, init):
-    cfg = compose_cfg([f"backbone={backbone}", f"prefix={prefix}", f"init={init}", "prefix.length=3",
+    positional = prefix != "memory"  # PrefixMemory takes no positions: no length, no word initialization
+    cfg = compose_cfg([f"backbone={backbone}", f"prefix={prefix}", f"init={init}",
+                       "prefix.length=3" if positional else "prefix.init_std=0.0",
                        "prefix.mid_dim=16" if prefix == "reparam" else "seed=0",
                        *(["data=rte"] if backbone == "tiny-bert" else [])], tmp_path)  # an encoder: an NLU task
     bb = load_backbone(cfg)
     model = build_model(cfg, bb)
-    assert model.prefix.kind == cfg.prefix.kind and model.prefix.length == 3
+    assert model.prefix.kind == cfg.prefix.kind and model.prefix.length == (3 if positional else 0)
+    if not positional and init != "random":
+        with pytest.raises(ConfigError, match=f"init={init} fills prefix positions"):
+            check_train_config(cfg)
+        with pytest.raises(ValueError, match="a memory prefix has none"):
+            initialize_prefix(OmegaConf.to_container(cfg.init), model.prefix, bb)
+        return
     report = initialize_prefix(OmegaConf.to_container(cfg.init), model.prefix, bb)
     assert report["init"] == init
 
