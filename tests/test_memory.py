@@ -62,6 +62,7 @@ def explicit_llama_logits(model, ids, mask, memory, phi):
 
 
 def explicit_gpt2_logits(model, ids, mask, memory, phi):
+    """GPT-2 written out: causal softmax attention per head plus phi(q) M of that head (n_kv = H)."""
     tr = model.transformer
     B, T = ids.shape
     h = tr.wte(ids) + tr.wpe((mask.cumsum(-1) - 1).clamp(min=0))
@@ -105,7 +106,7 @@ def test_zero_memory_is_the_frozen_backbone_exactly_and_still_gets_a_gradient():
     assert torch.equal(out.detach()[mask.bool()], plain[mask.bool()])
     out[mask.bool()].logsumexp(-1).sum().backward()
     g = m.prefix.memory["decoder"].grad
-    assert g is not None and g.abs().min(dim=-1).values.abs().sum() > 0 and g.abs().max() > 0
+    assert g is not None and (g != 0).all(dim=(2, 3)).all()  # every layer and kv head gets a gradient at M = 0
     assert all(not p.requires_grad for p in m.backbone.model.parameters())
     n_layers, n_kv, hd = g.shape[0], g.shape[1], g.shape[2]
     assert m.prefix.memory["decoder"].numel() == n_layers * n_kv * hd * hd
