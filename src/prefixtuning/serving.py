@@ -81,18 +81,20 @@ class PrefixBank:
                                device=self.device)
         kv: dict[str, tuple[Tensor, Tensor]] = {}
         masks: dict[str, Tensor] = {}
-        sites = {s for e in used.values() if e.prefix.positional for s in e.prefix.sites}
+        # key/value prefixes here; memory prefixes (no positions) go to `_add_memories`
+        positional = {pid: e.prefix for pid, e in used.items() if e.prefix.positional}
+        sites = {s for p in positional.values() for s in p.sites}
         for site in sites:
             g = self.backbone.geometry.sites[site]
-            p_max = max(e.prefix.length for e in used.values() if e.prefix.positional and site in e.prefix.sites)
-            ref = next(e.prefix for e in used.values() if e.prefix.positional).keys[site]
+            p_max = max(p.length for p in positional.values() if site in p.sites)
+            ref = next(iter(positional.values())).keys[site]
             K = ref.new_zeros(g.n_layers, B, g.n_kv_heads, p_max, g.head_dim)
             V = ref.new_zeros(g.n_layers, B, g.n_kv_heads, p_max, g.v_dim)
             M = torch.zeros(B, p_max, dtype=torch.bool, device=self.device)
             for row, pid in enumerate(prefix_ids):
-                if pid is None or not used[pid].prefix.positional or site not in used[pid].prefix.sites:
+                if pid not in positional or site not in positional[pid].sites:
                     continue
-                pre = used[pid].prefix
+                pre = positional[pid]
                 K[:, row, :, : pre.length] = pre.keys[site]
                 V[:, row, :, : pre.length] = pre.values[site]
                 M[row, : pre.length] = True
@@ -101,14 +103,13 @@ class PrefixBank:
         if any(e.prefix.gated for e in used.values()):
             gate_fn = self._gate_fn(prefix_ids, {s: kv[s][0].shape[3] for s in sites})
         state = PrefixState(kv=kv, gate_fn=gate_fn, source_mask=source_mask, prefix_mask=masks)
-        self._add_memories(state, prefix_ids, used)
+        self._add_memories(state, prefix_ids, {pid: e.prefix for pid, e in used.items() if pid not in positional})
         return state, offsets
 
-    def _add_memories(self, state: PrefixState, prefix_ids, used: dict[str, _Entry]) -> None:
+    def _add_memories(self, state: PrefixState, prefix_ids, memory: dict[str, Prefix]) -> None:
         """Rows of memory prefixes (PrefixMemory-Tuning): per site one (n_layers, B, n_kv, F, vd) memory, each row
         its prefix's M and zero elsewhere (a zero memory adds exactly nothing). One feature map per batch: memories
         trained with different maps are refused in one batch rather than read with the wrong one."""
-        memory = {pid: e.prefix for pid, e in used.items() if not e.prefix.positional}
         if not memory:
             return
         maps = {p.feature_map for p in memory.values()}
