@@ -100,6 +100,19 @@ def test_the_verdict_says_differs_only_where_every_test_agrees():
     assert S.verdict(0.2, p_ar=0.3, interval=(-0.1, 0.1)) == "not separable"
 
 
+def test_sign_flip_across_pairs_against_hand_enumeration():
+    # d = (3, -1, 2): the 8 sums of +-3 +-1 +-2 are 6, 2, 4, 0, 0, -4, -2, -6; |sum| >= 4 in 4 of them
+    assert S.sign_flip([3.0, -1.0, 2.0]) == 0.5
+    # five differences of one sign: only the observed pattern and its mirror reach it, 2 / 32
+    assert S.sign_flip([0.01, 0.02, 0.03, 0.04, 0.05]) == 0.0625
+    # (1, 1, 1, 1, 1, -5): mean 0 -> no difference, p = 1; (2, 1): |mean| 1.5 reached by 2 of 4 patterns
+    assert S.sign_flip([1, 1, 1, 1, 1, -5]) == 1.0 and S.sign_flip([2.0, 1.0]) == 0.5
+    # (4, 1, 1): sums 6, 4, 4, 2, -2, -4, -4, -6 -> |sum| >= 6 in 2 of 8
+    assert S.sign_flip([4.0, 1.0, 1.0]) == 0.25
+    with pytest.raises(ValueError, match="no pairs"):
+        S.sign_flip([])
+
+
 def test_different_inputs_are_refused():
     with pytest.raises(ValueError, match="same inputs"):
         S.paired_bootstrap(S.e2e_bleu(A, REFS), S.e2e_bleu(A[:6], REFS[:6]))
@@ -150,6 +163,8 @@ def test_report_compare_prints_paired_differences_intervals_and_p(tmp_path):
     assert (float(got["low"]), float(got["high"])) == pytest.approx((want["low"], want["high"]))
     assert float(got["p_ar"]) == S.approximate_randomization(a, b)
     assert got["signs"] == "3/0/0" and got["pairs"] == "3" and got["verdict"] == "differs (p < 0.05)"
+    # three pairs all positive: across pairs only the all-plus and all-minus patterns reach the mean, 2 / 8
+    assert float(got["p_pairs"]) == 0.25 and "| p (pairs) |" in r.stdout
     assert rows["same"]["verdict"] == "not separable" and float(rows["same"]["p_bootstrap"]) == 1.0
     assert "Not tested" in (sweep / "report" / "significance.md").read_text()  # METEOR, CIDEr, ...
     bad = subprocess.run([sys.executable, "-m", "prefixtuning.report", str(sweep), "--compare", "prefix=static"],

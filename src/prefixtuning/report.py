@@ -18,7 +18,8 @@ dropped. Writes to `--out` (default `<first dir>/report`):
                  KEY against that baseline, jobs paired by their replicate values (seed, lowres.sample) and
                  the other swept keys, on the same test inputs: for every resampleable corpus metric the
                  difference, its 95% paired-bootstrap interval and p (inputs of all pairs pooled), the
-                 approximate-randomization p, each pair's difference with a sign count, and the verdict
+                 approximate-randomization p, each pair's difference with a sign count, the exact
+                 sign-flip p across pairs (data samples / seeds), and the verdict of the input-level tests
                  "differs (p < 0.05)" / "not separable" (significance.py)
 
 Experiment files run this at the end of their multirun (`ReportCallback`).
@@ -335,6 +336,7 @@ def compare(jobs: list[Job], keys: list[str], baseline: str, resamples: int = 10
                     **boot, "p_ar": p_ar,
                     "per_pair": each, "signs": (sum(d > 0 for d in each), sum(d < 0 for d in each),
                                                 sum(d == 0 for d in each)),
+                    "p_pairs": S.sign_flip(each),
                     "higher_is_better": a_all.higher_is_better,
                     "verdict": S.verdict(boot["p"], p_ar=p_ar, interval=(boot["low"], boot["high"]))}
             row["not_resampled"] = [f"test/{m}" for m in S.NOT_RESAMPLED.get(task, ())]
@@ -345,21 +347,23 @@ def compare(jobs: list[Job], keys: list[str], baseline: str, resamples: int = 10
 def significance_markdown(rows: list[dict], key: str, baseline: str, others: list[str]) -> str:
     lines = [f"Paired tests against {baseline} (B = the row, A = the baseline; same test inputs, jobs paired by "
              f"{', '.join(REPLICATES)}; inputs of all pairs pooled; paired bootstrap 95% interval and p, approximate "
-             f"randomization p; signs = pairs where B - A > 0 / < 0 / = 0):", "",
+             f"randomization p; signs = pairs where B - A > 0 / < 0 / = 0; p (pairs) = exact sign-flip test of the mean "
+             f"per-pair B - A across {', '.join(REPLICATES)}, which sees the spread between data draws; its smallest "
+             f"p is 2 / 2^pairs; the verdict is the input-level tests'):", "",
              "| " + " | ".join([key, *others, "metric", "pairs", "B - A", "95% interval", "p (bootstrap)",
-                                "p (AR)", "per pair B - A", "signs +/-/=", "verdict"]) + " |",
-             "|" + "---|" * (len(others) + 10)]
+                                "p (AR)", "per pair B - A", "signs +/-/=", "p (pairs)", "verdict"]) + " |",
+             "|" + "---|" * (len(others) + 11)]
     notes = []
     for r in rows:
         head = [str(r[key]), *(str(r[o]) for o in others)]
         if not r["metrics"]:
-            empty = ["-", str(r["pairs"]), "", "", "", "", "", "", "no paired jobs"]
+            empty = ["-", str(r["pairs"]), "", "", "", "", "", "", "", "no paired jobs"]
             lines.append("| " + " | ".join(head + empty) + " |")
         for m, t in r["metrics"].items():
             lines.append("| " + " | ".join(head + [
                 m.removeprefix("test/"), str(r["pairs"]), f"{t['delta']:+.4f}", f"[{t['low']:+.4f}, {t['high']:+.4f}]",
                 f"{t['p']:.4f}", f"{t['p_ar']:.4f}", " ".join(f"{d:+.4f}" for d in t["per_pair"]),
-                "/".join(str(x) for x in t["signs"]), t["verdict"]]) + " |")
+                "/".join(str(x) for x in t["signs"]), f"{t['p_pairs']:.4f}", t["verdict"]]) + " |")
         notes += [f"- {r[key]}: {p}" for p in r["problems"]]
     nr = sorted({m for r in rows for m in r.get("not_resampled", [])})
     foot = ""
@@ -404,13 +408,13 @@ def report(paths: list[Path], out: Path | None = None, metric: str | None = None
         with atomic.atomic_path(out / "significance.csv") as tmp, open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow([key, *others, "metric", "pairs", "a", "b", "delta", "low", "high", "p_bootstrap", "p_ar",
-                        "resamples", "seed", "inputs", "per_pair", "signs", "verdict"])
+                        "resamples", "seed", "inputs", "per_pair", "signs", "p_pairs", "verdict"])
             for r in cmp_rows:
                 for m, t in r["metrics"].items():
                     w.writerow([r[key], *(r[o] for o in others), m, r["pairs"], t["a"], t["b"], t["delta"], t["low"],
                                 t["high"], t["p"], t["p_ar"], t["resamples"], t["seed"], t["inputs"],
                                 " ".join(f"{d:.6f}" for d in t["per_pair"]), "/".join(map(str, t["signs"])),
-                                t["verdict"]])
+                                t["p_pairs"], t["verdict"]])
         atomic.write_text(out / "significance.md", significance_markdown(cmp_rows, key, baseline, others))
         result["significance"] = cmp_rows
     return result
