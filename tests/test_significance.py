@@ -109,6 +109,9 @@ def test_sign_flip_across_pairs_against_hand_enumeration():
     assert S.sign_flip([1, 1, 1, 1, 1, -5]) == 1.0 and S.sign_flip([2.0, 1.0]) == 0.5
     # (4, 1, 1): sums 6, 4, 4, 2, -2, -4, -4, -6 -> |sum| >= 6 in 2 of 8
     assert S.sign_flip([4.0, 1.0, 1.0]) == 0.25
+    # 25 pairs (sampled patterns): 25 equal positive differences are reached only by the all-plus / all-minus
+    # patterns, which 10,000 seeded draws of 2^25 do not hit -> (0 + 1) / (10,000 + 1); mean 0 still gives 1
+    assert S.sign_flip([0.1] * 25) == 1 / (S.AR_TRIALS + 1) and S.sign_flip([0.1, -0.1] * 12 + [0.0]) == 1.0
     with pytest.raises(ValueError, match="no pairs"):
         S.sign_flip([])
 
