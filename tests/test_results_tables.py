@@ -40,13 +40,14 @@ def test_the_memory_table_equals_the_stored_report():
     summary = {r["row"]: r for r in csv.DictReader(open(STUDY / "summary.csv"))}
     n = {int(r["n"]) for r in summary.values()}
     assert len(n) == 1 and f"n = {n.pop()}" in README.read_text()
+    reports = {label: {r["row"]: r for r in csv.DictReader(open(path)) if r["metric"] == "test/BLEU"}
+               for label, path in BASELINES.items()}
     checked = 0
     for col, name in enumerate(head[1:], start=1):
         key = ROWS[name]
         mean, std = float(summary[key]["test/BLEU mean"]), float(summary[key]["test/BLEU std"])
         assert rows["mean ± std"][col] == f"{mean * 100:.1f} ± {std * 100:.1f}", name
-        for label, path in BASELINES.items():
-            tests = {r["row"]: r for r in csv.DictReader(open(path)) if r["metric"] == "test/BLEU"}
+        for label, tests in reports.items():
             cell = rows[label][col]
             if cell == "":
                 continue
@@ -60,4 +61,3 @@ def test_the_memory_table_equals_the_stored_report():
             assert m["verdict"] == t["verdict"], f"{label} / {name}: the README says {m['verdict']!r}"
             checked += 1
     assert checked == 4  # three rows against memory, APT against the static prefix
-
