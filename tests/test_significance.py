@@ -116,20 +116,37 @@ def test_sign_flip_across_pairs_against_hand_enumeration():
         S.sign_flip([])
 
 
+def test_run_level_metrics_across_six_samples():
+    from pathlib import Path
+
+    from prefixtuning.report import Job, across_samples
+
+    # six samples, the row's dev loss lower on every one: only the all-minus pattern and its mirror reach the
+    # mean, 2 / 64 < 0.05; NIST up on 3 and down on 3 by the same amount: mean 0, p = 1
+    pairs = [(Job(Path(f"a{i}"), {}, {"val/loss": 2.0 + i, "test/NIST": 8.0, "test/BLEU": 0.6}),
+              Job(Path(f"b{i}"), {}, {"val/loss": 1.9 + i, "test/NIST": 8.0 + (0.1 if i % 2 else -0.1),
+                                       "test/BLEU": 0.7})) for i in range(6)]
+    out = across_samples(pairs, tested={"test/BLEU"})
+    assert set(out) == {"val/loss", "test/NIST"}
+    assert out["val/loss"]["p_pairs"] == 2 / 64 and out["val/loss"]["verdict"] == "differs (p < 0.05)"
+    assert out["val/loss"]["signs"] == (0, 6, 0) and out["val/loss"]["delta"] == pytest.approx(-0.1)
+    assert out["test/NIST"]["p_pairs"] == 1.0 and out["test/NIST"]["verdict"] == "not separable"
+
+
 def test_different_inputs_are_refused():
     with pytest.raises(ValueError, match="same inputs"):
         S.paired_bootstrap(S.e2e_bleu(A, REFS), S.e2e_bleu(A[:6], REFS[:6]))
 
 
 # ------------------------------------------------------------------ the report, as a user runs it
-def _job(folder, overrides: dict, hyps, refs, task="e2e"):
+def _job(folder, overrides: dict, hyps, refs, task="e2e", **extra):
     import json
 
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {k}={v}\n" for k, v in overrides.items()))
     (folder / "config.yaml").write_text(f"data:\n  name: {task}\n")
     score = mteval_bleu_nist(hyps, refs)["BLEU"]
-    (folder / "metrics.json").write_text(json.dumps({"test/BLEU": score}))
+    (folder / "metrics.json").write_text(json.dumps({"test/BLEU": score, **extra}))
     (folder / "predictions_test.jsonl").write_text("".join(
         json.dumps({"index": i, "input": f"mr {i}", "prediction": h, "references": r}) + "\n"
         for i, (h, r) in enumerate(zip(hyps, refs))))
@@ -145,10 +162,15 @@ def test_report_compare_prints_paired_differences_intervals_and_p(tmp_path):
 
     sweep = tmp_path / "sweep"
     systems = {"base": [A, A[6:] + A[:6], A], "better": [B, B, B_MIXED], "same": [A, A[6:] + A[:6], A]}
+    # run-level numbers: the dev loss (every run), METEOR (one "better" run lacks it), counts and start values
+    dev = {"base": [2.0, 1.5, 1.8], "better": [1.9, 1.4, 1.85], "same": [2.0, 1.5, 1.8]}
     k = 0
     for row, samples in systems.items():
         for sample, hyps in enumerate(samples):
-            _job(sweep / str(k), {"row": row, "lowres.sample": sample}, hyps, REFS)
+            extra = {"val/loss": dev[row][sample], "val/loss_start": 3.0 + k, "test/inputs": 30.0}
+            if (row, sample) != ("better", 2):
+                extra["test/METEOR"] = 0.4 + 0.01 * k
+            _job(sweep / str(k), {"row": row, "lowres.sample": sample}, hyps, REFS, **extra)
             k += 1
     r = subprocess.run([sys.executable, "-m", "prefixtuning.report", str(sweep), "--compare", "row=base"],
                        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
@@ -170,6 +192,18 @@ def test_report_compare_prints_paired_differences_intervals_and_p(tmp_path):
     assert float(got["p_pairs"]) == 0.25 and "| p (pairs) |" in r.stdout
     assert rows["same"]["verdict"] == "not separable" and float(rows["same"]["p_bootstrap"]) == 1.0
     assert "Not tested" in (sweep / "report" / "significance.md").read_text()  # METEOR, CIDEr, ...
+    # across samples: dev loss B - A = (-0.1, -0.1, +0.05); of the 8 sums of +-0.1 +-0.1 +-0.05 four reach
+    # |-0.15| (0.25, 0.15 and their mirrors): p = 0.5; a metric some pair lacks is named, not tested on fewer
+    across = {(x["row"], x["metric"]): x for x in csv.DictReader(open(sweep / "report" / "significance_samples.csv"))}
+    assert {m for _, m in across} == {"val/loss", "test/METEOR"}  # not BLEU (tested per input), counts, starts
+    loss = across[("better", "val/loss")]
+    assert [float(d) for d in loss["per_pair"].split()] == pytest.approx([-0.1, -0.1, 0.05])
+    assert float(loss["delta"]) == pytest.approx(-0.05) and float(loss["a"]) == pytest.approx(5.3 / 3)
+    assert loss["signs"] == "1/2/0" and float(loss["p_pairs"]) == 0.5 and loss["verdict"] == "not separable"
+    assert across[("same", "val/loss")]["p_pairs"] == "1.0" and across[("same", "test/METEOR")]["signs"] == "3/0/0"
+    assert across[("better", "test/METEOR")]["verdict"] == "not tested: 1 of the pairs lack it"
+    md = (sweep / "report" / "significance.md").read_text()
+    assert "Across samples only" in md and "| better | val/loss | 3 | 1.7667 | 1.7167 | -0.0500 |" in md
     bad = subprocess.run([sys.executable, "-m", "prefixtuning.report", str(sweep), "--compare", "prefix=static"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "give KEY=VALUE with KEY one of the swept keys (lowres.sample, row)" in bad.stderr

@@ -21,6 +21,9 @@ dropped. Writes to `--out` (default `<first dir>/report`):
                  approximate-randomization p, each pair's difference with a sign count, the exact
                  sign-flip p across pairs (data samples / seeds), and the verdict of the input-level tests
                  "differs (p < 0.05)" / "not separable" (significance.py)
+  significance_samples.csv   with --compare: the run-level numbers no per-input test covers (NIST, METEOR,
+                 CIDEr, WebNLG seen / unseen scores, the dev loss): per-pair differences, sign count, exact
+                 sign-flip p across pairs and its verdict (also in significance.md)
 
 Experiment files run this at the end of their multirun (`ReportCallback`).
 """
@@ -320,12 +323,13 @@ def compare(jobs: list[Job], keys: list[str], baseline: str, resamples: int = 10
             if da[0] != db[0] or da[1] != db[1]:
                 problems.append(f"{j.folder.name}: not decoded on the baseline's test inputs")
                 continue
-            pairs.append((rep, da, db))
-        row = {key: val, **dict(zip(others, other)), "pairs": len(pairs), "problems": problems, "metrics": {}}
+            pairs.append((rep, da, db, b, j))
+        row = {key: val, **dict(zip(others, other)), "pairs": len(pairs), "problems": problems, "metrics": {},
+               "across": {}}
         if pairs:
             task = pairs[0][1][0]
             per = [(rep, S.task_metrics(task, da[2], da[3]), S.task_metrics(task, db[2], db[3]))
-                   for rep, da, db in pairs]
+                   for rep, da, db, _, _ in pairs]
             for name in per[0][1]:
                 a_all = S.pooled([ma[name] for _, ma, _ in per])
                 b_all = S.pooled([mb[name] for _, _, mb in per])
@@ -340,7 +344,33 @@ def compare(jobs: list[Job], keys: list[str], baseline: str, resamples: int = 10
                     "higher_is_better": a_all.higher_is_better,
                     "verdict": S.verdict(boot["p"], p_ar=p_ar, interval=(boot["low"], boot["high"]))}
             row["not_resampled"] = [f"test/{m}" for m in S.NOT_RESAMPLED.get(task, ())]
+            row["across"] = across_samples([(b, j) for *_, b, j in pairs], set(row["metrics"]))
         out.append(row)
+    return out
+
+
+def _per_run_metric(name: str) -> bool:
+    """A run-level number worth comparing across samples: a test or dev score, not a count or a start value."""
+    return name.startswith(("test/", "val/")) and not name.endswith(("_start", "/inputs"))
+
+
+def across_samples(pairs: list[tuple[Job, Job]], tested: set[str]) -> dict[str, dict]:
+    """The metrics each run reports as one number (metrics.json) that no per-input test covers, e.g. NIST,
+    METEOR, CIDEr, the WebNLG seen / unseen scores and the dev loss: per pair (baseline A, row B, same replicate
+    values) B - A, the sign count and the exact sign-flip p across pairs; "differs" where that p < 0.05."""
+    names = sorted({m for a, b in pairs for m in (*a.metrics, *b.metrics) if _per_run_metric(m)} - tested)
+    out = {}
+    for m in names:
+        have = [(a.metrics[m], b.metrics[m]) for a, b in pairs if m in a.metrics and m in b.metrics]
+        if len(have) != len(pairs):  # a run without this metric: say so rather than test on fewer pairs
+            out[m] = {"pairs": len(have), "missing": len(pairs) - len(have)}
+            continue
+        diffs = [vb - va for va, vb in have]
+        p = S.sign_flip(diffs)
+        out[m] = {"pairs": len(have), "a": sum(va for va, _ in have) / len(have),
+                  "b": sum(vb for _, vb in have) / len(have), "delta": sum(diffs) / len(diffs), "per_pair": diffs,
+                  "signs": (sum(d > 0 for d in diffs), sum(d < 0 for d in diffs), sum(d == 0 for d in diffs)),
+                  "p_pairs": p, "verdict": f"differs (p < {S.ALPHA:g})" if p < S.ALPHA else "not separable"}
     return out
 
 
@@ -368,8 +398,26 @@ def significance_markdown(rows: list[dict], key: str, baseline: str, others: lis
     nr = sorted({m for r in rows for m in r.get("not_resampled", [])})
     foot = ""
     if nr:
-        foot += (f"\nNot tested (their official scorers are not decomposable into per-input statistics here): "
-                 f"{', '.join(nr)}.")
+        foot += (f"\nNot tested per input (their official scorers are not decomposable into per-input statistics "
+                 f"here): {', '.join(nr)}; they are tested across samples below.")
+    if any(r["across"] for r in rows):
+        foot += ("\n\nAcross samples only: the run-level numbers no per-input test covers (metrics.json: the scores "
+                 "above, subset scores, the dev loss); A and B = means over the pairs, B - A = mean per-pair "
+                 "difference, verdict = the sign-flip test's (differs where p (pairs) < 0.05; loss and TER: lower is "
+                 "better):\n\n| " + " | ".join([key, *others, "metric", "pairs", "A", "B", "B - A", "per pair B - A",
+                                                 "signs +/-/=", "p (pairs)", "verdict"]) + " |\n"
+                 + "|" + "---|" * (len(others) + 10))
+        for r in rows:
+            head = [str(r[key]), *(str(r[o]) for o in others)]
+            for m, t in r["across"].items():
+                if "missing" in t:
+                    foot += "\n| " + " | ".join(head + [m, str(t["pairs"]), "", "", "", "", "", "", (
+                        f"not tested: {t['missing']} of the pairs lack it")]) + " |"
+                    continue
+                foot += "\n| " + " | ".join(head + [
+                    m, str(t["pairs"]), f"{t['a']:.4f}", f"{t['b']:.4f}", f"{t['delta']:+.4f}",
+                    " ".join(f"{d:+.4f}" for d in t["per_pair"]), "/".join(str(x) for x in t["signs"]),
+                    f"{t['p_pairs']:.4f}", t["verdict"]]) + " |"
     if any(t.get("higher_is_better") is False for r in rows for t in r["metrics"].values()):
         foot += "\nTER: lower is better (a negative B - A is a gain)."
     if notes:
@@ -413,6 +461,19 @@ def report(paths: list[Path], out: Path | None = None, metric: str | None = None
                 for m, t in r["metrics"].items():
                     w.writerow([r[key], *(r[o] for o in others), m, r["pairs"], t["a"], t["b"], t["delta"], t["low"],
                                 t["high"], t["p"], t["p_ar"], t["resamples"], t["seed"], t["inputs"],
+                                " ".join(f"{d:.6f}" for d in t["per_pair"]), "/".join(map(str, t["signs"])),
+                                t["p_pairs"], t["verdict"]])
+        with atomic.atomic_path(out / "significance_samples.csv") as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow([key, *others, "metric", "pairs", "a", "b", "delta", "per_pair", "signs", "p_pairs",
+                        "verdict"])
+            for r in cmp_rows:
+                for m, t in r["across"].items():
+                    if "missing" in t:
+                        w.writerow([r[key], *(r[o] for o in others), m, t["pairs"], "", "", "", "", "", "",
+                                    f"not tested: {t['missing']} of the pairs lack it"])
+                        continue
+                    w.writerow([r[key], *(r[o] for o in others), m, t["pairs"], t["a"], t["b"], t["delta"],
                                 " ".join(f"{d:.6f}" for d in t["per_pair"]), "/".join(map(str, t["signs"])),
                                 t["p_pairs"], t["verdict"]])
         atomic.write_text(out / "significance.md", significance_markdown(cmp_rows, key, baseline, others))
