@@ -103,3 +103,7 @@ def test_replay_multirun_and_report(tmp_path, name):
         assert {r[key] for r in rows} == set(params[key]) - {value}, rows
         assert all(r["verdict"] in ("not separable", "not separable (tests disagree)", "differs (p < 0.05)") and r["pairs"] == "1" for r in rows)
         assert "Paired tests against " + compare in (report / "significance.md").read_text()
+        # the dev loss, which no per-input test covers, is compared across samples for every row
+        across = list(csv.DictReader(open(report / "significance_samples.csv")))
+        assert {r[key] for r in across if r["metric"] == "val/loss"} == set(params[key]) - {value}, across
+        assert not any(r["metric"].endswith(("/n", "/inputs", "_start")) for r in across), across

@@ -167,7 +167,7 @@ def test_report_compare_prints_paired_differences_intervals_and_p(tmp_path):
     k = 0
     for row, samples in systems.items():
         for sample, hyps in enumerate(samples):
-            extra = {"val/loss": dev[row][sample], "val/loss_start": 3.0 + k, "test/inputs": 30.0}
+            extra = {"val/loss": dev[row][sample], "val/loss_start": 3.0 + k, "test/inputs": 30.0, "test/n": 30.0}
             if (row, sample) != ("better", 2):
                 extra["test/METEOR"] = 0.4 + 0.01 * k
             _job(sweep / str(k), {"row": row, "lowres.sample": sample}, hyps, REFS, **extra)

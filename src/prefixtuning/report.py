@@ -351,7 +351,7 @@ def compare(jobs: list[Job], keys: list[str], baseline: str, resamples: int = 10
 
 def _per_run_metric(name: str) -> bool:
     """A run-level number worth comparing across samples: a test or dev score, not a count or a start value."""
-    return name.startswith(("test/", "val/")) and not name.endswith(("_start", "/inputs"))
+    return name.startswith(("test/", "val/")) and not name.endswith(("_start", "/inputs", "/n"))
 
 
 def across_samples(pairs: list[tuple[Job, Job]], tested: set[str]) -> dict[str, dict]:
