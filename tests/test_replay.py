@@ -107,3 +107,6 @@ def test_replay_multirun_and_report(tmp_path, name):
         across = list(csv.DictReader(open(report / "significance_samples.csv")))
         assert {r[key] for r in across if r["metric"] == "val/loss"} == set(params[key]) - {value}, across
         assert not any(r["metric"].endswith(("/n", "/inputs", "_start")) for r in across), across
+        if name == "replay_extrapolation":  # the categories travel in the predictions file: subsets tested per input
+            assert {"test/seen/BLEU", "test/unseen/BLEU", "test/unseen/TER"} <= {r["metric"] for r in rows}, rows
+            assert "test/unseen/METEOR" in {r["metric"] for r in across}

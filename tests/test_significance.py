@@ -41,6 +41,26 @@ def test_decomposed_metrics_equal_the_official_scores():
         mteval_bleu_nist([A[i] for i in rows], [REFS[i] for i in rows])["BLEU"], abs=1e-12)
 
 
+def test_webnlg_seen_and_unseen_subsets_equal_the_official_subset_scores():
+    from prefixtuning.data.triples import WEBNLG_SEEN, WEBNLG_UNSEEN
+    from prefixtuning.metrics.tasks import webnlg_metrics
+
+    # the categories as the predictions file stores them (meta); every third input is an unseen category
+    meta = [{"category": (WEBNLG_UNSEEN[i % 5] if i % 3 == 0 else WEBNLG_SEEN[i % 10])} for i in range(len(A))]
+    refs = [[*g, ""] for g in REFS]  # three reference slots, the third empty, as the reference files have them
+    files = [[g[k] for g in refs] for k in range(3)]
+    unseen = [i for i in range(len(A)) if i % 3 == 0]
+    seen = [i for i in range(len(A)) if i % 3]
+    official = webnlg_metrics(A, files, {"seen": seen, "unseen": unseen}, metrics=("BLEU", "TER"))["scores"]
+    got = S.task_metrics("webnlg", A, refs, meta)
+    assert set(got) == {f"{s}/{m}" for s in ("all", "seen", "unseen") for m in ("BLEU", "TER")}
+    for name, d in got.items():
+        assert d.corpus() == pytest.approx(official[name], abs=1e-9), name
+    assert len(got["unseen/BLEU"].stats) == len(unseen) and not got["unseen/TER"].higher_is_better
+    # predictions files without categories (written before they were stored): the "all" scores only
+    assert set(S.task_metrics("webnlg", A, refs)) == {"all/BLEU", "all/TER"}
+
+
 def _sacrebleu_pair(hyps_a, hyps_b):
     from sacrebleu.metrics import BLEU
 

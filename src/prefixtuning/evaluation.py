@@ -74,8 +74,9 @@ def evaluate_model(model, dm: PrefixDataModule, split: str, decoding_cfg, out_di
     hyps = [" ".join(h.split("\n")) for h in hyps]  # one output per line, whatever the decoder produced
     atomic.write_text(out_dir / f"predictions_{split}.txt", "\n".join(hyps) + "\n")
     atomic.write_lines(out_dir / f"predictions_{split}.jsonl",  # for a person to read
-                       (json.dumps({"index": i, "input": g.source, "prediction": h, "references": list(g.references)},
-                                   ensure_ascii=False) for i, (g, h) in enumerate(zip(groups, hyps))))
+                       (json.dumps({"index": i, "input": g.source, "prediction": h, "references": list(g.references),
+                                    **({"meta": g.meta} if g.meta else {})},  # e.g. WebNLG's category (report)
+                                   ensure_ascii=False, default=str) for i, (g, h) in enumerate(zip(groups, hyps))))
     print_examples(groups, hyps, show_examples, split)
     dm.dataset.write_references(groups, out_dir / f"references_{split}.txt")
     result = dm.dataset.score(groups, hyps)

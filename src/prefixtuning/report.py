@@ -267,8 +267,9 @@ class CompareError(SystemExit):
     pass
 
 
-def _predictions(job: Job) -> tuple[str, list[str], list[str], list[list[str]]] | str:
-    """(task, inputs, predictions, references) of a job's test decode, or why there are none."""
+def _predictions(job: Job) -> tuple[str, list[str], list[str], list[list[str]], list[dict]] | str:
+    """(task, inputs, predictions, references, per-input meta such as WebNLG's category) of a job's test decode,
+    or why there are none."""
     f = job.folder / "predictions_test.jsonl"
     cfg = job.folder / "config.yaml"
     if not f.is_file() or not cfg.is_file():
@@ -276,8 +277,9 @@ def _predictions(job: Job) -> tuple[str, list[str], list[str], list[list[str]]] 
     task = OmegaConf.select(OmegaConf.load(cfg), "data.name")
     rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     if rows and "gold" in rows[0]:  # an NLU task: (where in the official file, predicted label, gold label)
-        return task, [r["where"] for r in rows], [r["pred"] for r in rows], [r["gold"] for r in rows]
-    return task, [r["input"] for r in rows], [r["prediction"] for r in rows], [r["references"] for r in rows]
+        return task, [r["where"] for r in rows], [r["pred"] for r in rows], [r["gold"] for r in rows], []
+    return (task, [r["input"] for r in rows], [r["prediction"] for r in rows], [r["references"] for r in rows],
+            [r.get("meta", {}) for r in rows])
 
 
 def compare(jobs: list[Job], keys: list[str], baseline: str, resamples: int = 1000, trials: int = 10000,
@@ -328,7 +330,7 @@ def compare(jobs: list[Job], keys: list[str], baseline: str, resamples: int = 10
                "across": {}}
         if pairs:
             task = pairs[0][1][0]
-            per = [(rep, S.task_metrics(task, da[2], da[3]), S.task_metrics(task, db[2], db[3]))
+            per = [(rep, S.task_metrics(task, da[2], da[3], da[4]), S.task_metrics(task, db[2], db[3], db[4]))
                    for rep, da, db, _, _ in pairs]
             for name in per[0][1]:
                 a_all = S.pooled([ma[name] for _, ma, _ in per])
@@ -343,7 +345,8 @@ def compare(jobs: list[Job], keys: list[str], baseline: str, resamples: int = 10
                     "p_pairs": S.sign_flip(each),
                     "higher_is_better": a_all.higher_is_better,
                     "verdict": S.verdict(boot["p"], p_ar=p_ar, interval=(boot["low"], boot["high"]))}
-            row["not_resampled"] = [f"test/{m}" for m in S.NOT_RESAMPLED.get(task, ())]
+            row["not_resampled"] = [f"test/{m}" for m in S.NOT_RESAMPLED.get(task, ()) if f"test/{m}" not in
+                                    row["metrics"] and any(f"test/{m}" in j.metrics for *_, j in pairs)]
             row["across"] = across_samples([(b, j) for *_, b, j in pairs], set(row["metrics"]))
         out.append(row)
     return out

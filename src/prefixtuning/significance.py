@@ -143,9 +143,17 @@ def nlu_metrics(task: str, preds: Sequence, golds: Sequence) -> dict[str, Decomp
     return out
 
 
-def task_metrics(task: str, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, Decomposed]:
+def subset(d: Decomposed, name: str, rows: Sequence[int]) -> Decomposed:
+    """The metric over some of the inputs: the same per-input statistics, only those rows (e.g. WebNLG's unseen
+    categories; equal to the official scorer run on that subset, tests/test_significance.py)."""
+    return Decomposed(name, d.stats[list(rows)], d.score, d.higher_is_better)
+
+
+def task_metrics(task: str, hyps: Sequence[str], refs: Sequence[Sequence[str]],
+                 meta: Sequence[dict] = ()) -> dict[str, Decomposed]:
     """The resampleable metrics of a task, named as the run's metrics.json names them (without `test/`). For the
-    NLU tasks `hyps` are the predicted labels and `refs` the gold ones (nlu_metrics)."""
+    NLU tasks `hyps` are the predicted labels and `refs` the gold ones (nlu_metrics). `meta`: per input, as the
+    predictions file stores it; WebNLG's categories add the seen / unseen subset scores."""
     if task in NLU_TASKS:
         return nlu_metrics(task, hyps, refs)
     if task == "e2e":
@@ -155,7 +163,16 @@ def task_metrics(task: str, hyps: Sequence[str], refs: Sequence[Sequence[str]]) 
         groups = groups_from_files(files)
         if task == "webnlg":
             norm = [webnlg_normalize(h) for h in hyps]
-            return {"all/BLEU": multi_bleu(norm, files, True, "all/BLEU"), "all/TER": ter(norm, groups, "all/TER")}
+            out = {"all/BLEU": multi_bleu(norm, files, True, "all/BLEU"), "all/TER": ter(norm, groups, "all/TER")}
+            cats = [m.get("category") for m in meta]
+            if cats and len(cats) == len(hyps) and all(cats):  # older predictions files have no categories
+                from .data.triples import WEBNLG_SEEN, WEBNLG_UNSEEN
+
+                for sub, names in (("seen", WEBNLG_SEEN), ("unseen", WEBNLG_UNSEEN)):
+                    rows = [i for i, c in enumerate(cats) if c in names]
+                    if rows:
+                        out.update({f"{sub}/{m}": subset(out[f"all/{m}"], f"{sub}/{m}", rows) for m in ("BLEU", "TER")})
+            return out
         return {"BLEU": multi_bleu(list(hyps), files, False), "TER": ter(list(hyps), groups)}
     if task == "xsum":
         from rouge_score import rouge_scorer
@@ -167,7 +184,9 @@ def task_metrics(task: str, hyps: Sequence[str], refs: Sequence[Sequence[str]]) 
     raise ValueError(f"no paired test for task {task!r}")
 
 
-NOT_RESAMPLED = {"e2e": ("NIST", "METEOR", "ROUGE_L", "CIDEr"), "webnlg": ("METEOR",), "dart": ("METEOR",),
+NOT_RESAMPLED = {"e2e": ("NIST", "METEOR", "ROUGE_L", "CIDEr"),
+                 "webnlg": ("all/METEOR", "seen/METEOR", "unseen/METEOR", "seen/BLEU", "unseen/BLEU", "seen/TER",
+                            "unseen/TER"), "dart": ("METEOR",),
                  "multirc": ("em",), "conll03": ("precision", "recall"), "conll04": ("precision", "recall")}
 
 
