@@ -4,7 +4,8 @@ A corpus metric is resampled through its per-input sufficient statistics, so eac
 as the official scorer scores a corpus (not an average of sentence scores):
 
   E2E      BLEU (MT-Eval v13a: clipped n-gram matches, n-gram counts, output length, closest reference length)
-  WebNLG   BLEU (multi-bleu.perl -lc after the challenge's normalization, first 3 references), TER
+  WebNLG   BLEU (multi-bleu.perl -lc after the challenge's normalization, first 3 references), TER; for all
+           inputs and, where the predictions file carries the categories, the seen / unseen ones
   DART     BLEU (multi-bleu.perl, case-sensitive, 3 references), TER
   XSUM     ROUGE-1 / ROUGE-2 / ROUGE-L (means over documents)
 
