@@ -196,7 +196,30 @@ def test_every_replay_row_takes_the_replay_settings(tmp_path, experiment, row):
     for key, value in recipe.items():
         if value == "${recipe.lrs.${data.name}}":  # the NLU replays: the lr chosen for the run's task
             value = cfg.recipe.lrs[cfg.data.name]
+        per_size = f"{row}_{cfg.lowres.size}"
+        if key == "optim.lr" and per_size in (OmegaConf.select(cfg, "recipe.lrs") or {}):
+            value = cfg.recipe.lrs[per_size]  # replay_lowdata: the lr chosen on dev at the run's training size
         assert OmegaConf.select(cfg, key) == value, key
+
+
+@pytest.mark.parametrize("row", swept("replay_lowdata", "row"))
+def test_low_data_takes_the_lr_chosen_at_each_training_size(tmp_path, row):
+    """replay_lowdata: each row's lr per training size (recipe.lrs, chosen on dev at that size); at 200 pairs it is
+    the row file's (chosen at 200 by replay_lr); a size without a chosen lr is refused before any work."""
+    row_lr = file_settings(CONF / "recipe_row" / "replay" / f"{row}.yaml")["optim.lr"]
+    table = OmegaConf.load(CONF / "experiment" / "replay_lowdata.yaml").recipe.lrs
+    assert table[f"{row}_200"] == row_lr
+    for size in swept("replay_lowdata", "lowres.size"):
+        cfg = compose_cfg(["experiment=replay_lowdata", f"row={row}", f"lowres.size={size}"], tmp_path)
+        check_train_config(cfg)
+        assert cfg.optim.lr == table[f"{row}_{size}"]
+    run = subprocess.run([sys.executable, "train.py", "experiment=replay_lowdata", f"row={row}", "lowres.size=100",
+                          "hydra.mode=RUN", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert run.returncode == 1
+    assert (f"optim.lr: recipe.lrs has no learning rate for this run (recipe.row={row}, data.name=e2e, "
+            f"lowres.size=100)" in run.stdout + run.stderr), run.stdout[-2000:] + run.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_replay_row_without_replay_settings_is_refused_before_any_work(tmp_path):

@@ -21,6 +21,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from .artifacts import EXPORT_CHOICES
 from .data.base import DATASETS
@@ -167,6 +168,7 @@ def _plain(cfg, field_required=()) -> dict:
 
 def check_train_config(cfg) -> None:
     """Raise ConfigError for the first value of the wrong type or range, or a key nothing reads."""
+    _check_lr_table(cfg)
     c = _plain(cfg)
     trainer = c.pop("trainer", {}) or {}
     _check_keys(cfg, c, _schema(), "anything")
@@ -284,6 +286,23 @@ def _check_recipe(cfg) -> None:
         return
     raise ConfigError(f"recipe={name} has no settings for row={row or '?'}: add conf/recipe_row/{name}/"
                       f"{row or '<row>'}.yaml (its prefix length, init, lr) or choose a row that has one")
+
+
+def _check_lr_table(cfg) -> None:
+    """A study whose learning rate is looked up in recipe.lrs (per task in the NLU replays, per row and training
+    size in replay_lowdata) must have an entry for this run: without one the run is refused, naming what the table
+    has, rather than failing inside interpolation or training at some other lr."""
+    lrs = OmegaConf.select(cfg, "recipe.lrs")
+    if lrs is None:
+        return
+    try:
+        lr = OmegaConf.select(cfg, "optim.lr")
+    except InterpolationResolutionError:
+        lr = None
+    if lr is None:
+        run = ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in ("recipe.row", "data.name", "lowres.size"))
+        raise ConfigError(f"optim.lr: recipe.lrs has no learning rate for this run ({run}); it has "
+                          f"{', '.join(map(str, lrs))}: choose one of those or add its lr, chosen on dev")
 
 
 def _choice(group: str) -> str | None:
