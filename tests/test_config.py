@@ -196,7 +196,7 @@ def test_every_replay_row_takes_the_replay_settings(tmp_path, experiment, row):
     for key, value in recipe.items():
         if value == "${recipe.lrs.${data.name}}":  # the NLU replays: the lr chosen for the run's task
             value = cfg.recipe.lrs[cfg.data.name]
-        per_size = f"{row}_{cfg.lowres.size}"
+        per_size = f"{row}_{OmegaConf.select(cfg, 'lowres.size')}"
         if key == "optim.lr" and per_size in (OmegaConf.select(cfg, "recipe.lrs") or {}):
             value = cfg.recipe.lrs[per_size]  # replay_lowdata: the lr chosen on dev at the run's training size
         assert OmegaConf.select(cfg, key) == value, key

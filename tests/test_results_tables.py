@@ -31,8 +31,20 @@ def table(title: str) -> tuple[list[str], dict[str, list[str]]]:
     return head, rows
 
 
-def x100(v: str) -> str:
-    return f"{float(v) * 100:+.1f}"
+def x100(v: str, scale: float = 100) -> str:
+    return f"{float(v) * scale:+.1f}"
+
+
+def check_cell(cell: str, t: dict, where: str, scale: float = 100) -> None:
+    """A README difference cell against its significance.csv row (BLEU on a 0-1 scale shown x 100)."""
+    m = CELL.match(cell)
+    assert m, f"{where}: {cell!r} is not in the table's format"
+    plus, minus, _ = t["signs"].split("/")
+    assert m["delta"] == x100(t["delta"], scale), where
+    assert (m["low"], m["high"]) == (x100(t["low"], scale), x100(t["high"], scale)), where
+    assert m["p"] == f"{float(t['p_bootstrap']):.3f}" and m["p_pairs"] == f"{float(t['p_pairs']):.3f}", where
+    assert (m["plus"], m["minus"]) == (plus, minus), where
+    assert m["verdict"] == t["verdict"], f"{where}: the README says {m['verdict']!r}"
 
 
 def test_the_memory_table_equals_the_stored_report():
@@ -52,12 +64,30 @@ def test_the_memory_table_equals_the_stored_report():
             if cell == "":
                 continue
             assert key in tests, f"{label} / {name}: the report has no such comparison"
-            t, m = tests[key], CELL.match(cell)
-            assert m, f"{label} / {name}: {cell!r} is not in the table's format"
-            plus, minus, _ = t["signs"].split("/")
-            assert m["delta"] == x100(t["delta"]) and (m["low"], m["high"]) == (x100(t["low"]), x100(t["high"]))
-            assert m["p"] == f"{float(t['p_bootstrap']):.3f}" and m["p_pairs"] == f"{float(t['p_pairs']):.3f}"
-            assert (m["plus"], m["minus"]) == (plus, minus)
-            assert m["verdict"] == t["verdict"], f"{label} / {name}: the README says {m['verdict']!r}"
+            check_cell(cell, tests[key], f"{label} / {name}")
             checked += 1
     assert checked == 4  # three rows against memory, APT against the static prefix
+
+
+# the PREFIX vs FT table: column -> (study, the other swept key's value, metric, scale to the table's 0-100)
+LOWDATA, EXTRAPOLATION = ROOT / "results" / "replay" / "replay_lowdata", ROOT / "results" / "replay" / "replay_extrapolation"
+FT_COLUMNS = {"E2E, 50 pairs": (LOWDATA, {"lowres.size": "50"}, "test/BLEU", 100),
+              "E2E, 200 pairs": (LOWDATA, {"lowres.size": "200"}, "test/BLEU", 100),
+              "WebNLG seen": (EXTRAPOLATION, {}, "test/seen/BLEU", 1),
+              "WebNLG unseen": (EXTRAPOLATION, {}, "test/unseen/BLEU", 1)}
+
+
+def test_the_prefix_vs_finetuning_table_equals_the_stored_reports():
+    head, rows = table("BLEU (0-100)")
+    assert head[1:] == list(FT_COLUMNS)
+    for col, name in enumerate(head[1:], start=1):
+        study, where, metric, scale = FT_COLUMNS[name]
+        summary = {r["row"]: r for r in csv.DictReader(open(study / "summary.csv"))
+                   if all(r[k] == v for k, v in where.items())}
+        for label, key in (("PREFIX", "prefix_static"), ("FT", "ft")):
+            mean, std = float(summary[key][f"{metric} mean"]), float(summary[key][f"{metric} std"])
+            assert rows[label][col] == f"{mean * scale:.1f} ± {std * scale:.1f} (n = {summary[key]['n']})", (name, label)
+        tests = [r for r in csv.DictReader(open(study / "significance.csv"))
+                 if r["metric"] == metric and r["row"] == "ft" and all(r[k] == v for k, v in where.items())]
+        assert len(tests) == 1, f"{name}: {len(tests)} comparisons in {study / 'significance.csv'}"
+        check_cell(rows["FT - PREFIX"][col], tests[0], f"FT - PREFIX / {name}", scale)
