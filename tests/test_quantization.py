@@ -177,3 +177,25 @@ def test_an_absent_quantization_backend_is_named():
     assert resolve_backend("int8", "auto", on_cuda=False) == "torchao"
     with pytest.raises(QuantizationError, match="quantization_backend='gptq'"):
         resolve_backend("int8", "gptq", on_cuda=False)
+
+
+def test_bitsandbytes_nf4_keeps_passing_gradients_after_an_eval_call_without_grad():
+    """bitsandbytes 0.50 on an AVX512-BF16 CPU packs a Linear4bit's weight for an inference-only kernel the first
+    time it runs in eval mode on an input without grad (q/k/v under a frozen backbone), and from then on passes no
+    gradient (quantization.keep_differentiable). After loading, a projection called that way first still passes
+    the gradient of a later input that requires it, as the NF4 matmul of its dequantized weight does."""
+    from prefixtuning.quantization import dequantized_weight
+
+    quant = load_tiny("llama", quantization="int4", quantization_backend="bitsandbytes")
+    quant.model.eval()
+    lin = next(m for m in quant.model.modules() if type(m).__name__ == "Linear4bit")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        lin(torch.randn(2, 3, lin.in_features))  # the call that would pack the weight
+    x = torch.randn(2, 3, lin.in_features, requires_grad=True)
+    lin(x).pow(2).sum().backward()
+    assert x.grad is not None
+    w = dequantized_weight(lin).float()
+    xr = x.detach().clone().requires_grad_(True)
+    (xr @ w.T).pow(2).sum().backward()
+    assert (x.grad - xr.grad).abs().max().item() <= 1e-3 * xr.grad.abs().max().item()

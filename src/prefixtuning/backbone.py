@@ -15,8 +15,8 @@ from torch import nn
 
 from .injection import PrefixInjector, UnsupportedArchitecture
 from .local_backbones import BackboneLoadError, build_local, is_local_backbone
-from .quantization import (QuantizationError, bitsandbytes_config, quantize_backbone, quantized_modules,
-                           resolve_backend)
+from .quantization import (QuantizationError, bitsandbytes_config, keep_differentiable, quantize_backbone,
+                           quantized_modules, resolve_backend)
 
 # Config attributes that hold dropout probabilities in the families we support.
 _DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout",
@@ -277,6 +277,8 @@ class Backbone(nn.Module):
             n = quantize_backbone(model, quantization, name_or_path)
         else:
             n = len(quantized_modules(model))
+            if backend == "bitsandbytes":
+                keep_differentiable(model)  # no inference-only CPU kernel: gradients must reach the prefix
             if backend == "bitsandbytes" and not n:
                 raise QuantizationError(f"backbone.quantization={quantization}: bitsandbytes quantized no projection "
                                         f"of {name_or_path}")
