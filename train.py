@@ -16,13 +16,14 @@ from prefixtuning.errors import UserError, exit_on_user_error  # noqa: E402
 
 import prefixtuning  # noqa: E402,F401  (registers the config resolvers)
 from prefixtuning.resume import ResumeError, resume_argv  # noqa: E402
+# imported before Hydra opens the run's train.log: what a library logs on import (e.g. bitsandbytes' kernel
+# warning on AVX512-BF16 CPUs) goes to the console, never into the folder of a run that is then refused
+from prefixtuning.training import train  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @exit_on_user_error  # a config / data / backbone mistake: one line and exit 1, no traceback
 def main(cfg: DictConfig):
-    from prefixtuning.training import train
-
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

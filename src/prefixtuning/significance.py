@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .data.triples import WEBNLG_SEEN, WEBNLG_UNSEEN
 from .metrics.ngram import _closest, mteval_tokens, ngrams
 from .metrics.tasks import groups_from_files, webnlg_normalize
 from .metrics.ter import corpus_ter, ter_segment_stats
@@ -167,8 +168,6 @@ def task_metrics(task: str, hyps: Sequence[str], refs: Sequence[Sequence[str]],
             out = {"all/BLEU": multi_bleu(norm, files, True, "all/BLEU"), "all/TER": ter(norm, groups, "all/TER")}
             cats = [m.get("category") for m in meta]
             if cats and len(cats) == len(hyps) and all(cats):  # older predictions files have no categories
-                from .data.triples import WEBNLG_SEEN, WEBNLG_UNSEEN
-
                 for sub, names in (("seen", WEBNLG_SEEN), ("unseen", WEBNLG_UNSEEN)):
                     rows = [i for i, c in enumerate(cats) if c in names]
                     if rows:
