@@ -48,7 +48,7 @@ def check_cell(cell: str, t: dict, where: str, scale: float = 100) -> None:
 
 
 def test_the_memory_table_equals_the_stored_report():
-    head, rows = table("BLEU x 100")
+    head, rows = table("BLEU x 100 | memory")
     summary = {r["row"]: r for r in csv.DictReader(open(STUDY / "summary.csv"))}
     n = {int(r["n"]) for r in summary.values()}
     assert len(n) == 1 and f"n = {n.pop()}" in README.read_text()
@@ -69,25 +69,22 @@ def test_the_memory_table_equals_the_stored_report():
     assert checked == 4  # three rows against memory, APT against the static prefix
 
 
-# the PREFIX vs FT table: column -> (study, the other swept key's value, metric, scale to the table's 0-100)
-LOWDATA, EXTRAPOLATION = ROOT / "results" / "replay" / "replay_lowdata", ROOT / "results" / "replay" / "replay_extrapolation"
-FT_COLUMNS = {"E2E, 50 pairs": (LOWDATA, {"lowres.size": "50"}, "test/BLEU", 100),
-              "E2E, 200 pairs": (LOWDATA, {"lowres.size": "200"}, "test/BLEU", 100),
-              "WebNLG seen": (EXTRAPOLATION, {}, "test/seen/BLEU", 1),
-              "WebNLG unseen": (EXTRAPOLATION, {}, "test/unseen/BLEU", 1)}
+# the low-data table (PREFIX vs FT): column -> the training size
+LOWDATA = ROOT / "results" / "replay" / "replay_lowdata"
+SIZES = {"50 E2E pairs": "50", "200 E2E pairs": "200"}
 
 
-def test_the_prefix_vs_finetuning_table_equals_the_stored_reports():
-    head, rows = table("BLEU (0-100)")
-    assert head[1:] == list(FT_COLUMNS)
+def test_the_low_data_table_equals_the_stored_report():
+    head, rows = table("BLEU x 100 | 50 E2E pairs")
+    assert head[1:] == list(SIZES)
+    summary = list(csv.DictReader(open(LOWDATA / "summary.csv")))
+    tests = [r for r in csv.DictReader(open(LOWDATA / "significance.csv")) if r["metric"] == "test/BLEU"]
     for col, name in enumerate(head[1:], start=1):
-        study, where, metric, scale = FT_COLUMNS[name]
-        summary = {r["row"]: r for r in csv.DictReader(open(study / "summary.csv"))
-                   if all(r[k] == v for k, v in where.items())}
+        size = SIZES[name]
         for label, key in (("PREFIX", "prefix_static"), ("FT", "ft")):
-            mean, std = float(summary[key][f"{metric} mean"]), float(summary[key][f"{metric} std"])
-            assert rows[label][col] == f"{mean * scale:.1f} ± {std * scale:.1f} (n = {summary[key]['n']})", (name, label)
-        tests = [r for r in csv.DictReader(open(study / "significance.csv"))
-                 if r["metric"] == metric and r["row"] == "ft" and all(r[k] == v for k, v in where.items())]
-        assert len(tests) == 1, f"{name}: {len(tests)} comparisons in {study / 'significance.csv'}"
-        check_cell(rows["FT - PREFIX"][col], tests[0], f"FT - PREFIX / {name}", scale)
+            r = next(x for x in summary if x["row"] == key and x["lowres.size"] == size)
+            mean, std = float(r["test/BLEU mean"]), float(r["test/BLEU std"])
+            assert rows[label][col] == f"{mean * 100:.1f} ± {std * 100:.1f} (n = {r['n']})", (name, label)
+        t = [x for x in tests if x["row"] == "ft" and x["lowres.size"] == size]
+        assert len(t) == 1, f"{name}: {len(t)} comparisons in {LOWDATA / 'significance.csv'}"
+        check_cell(rows["FT - PREFIX"][col], t[0], f"FT - PREFIX / {name}")
