@@ -227,3 +227,15 @@ def test_report_compare_prints_paired_differences_intervals_and_p(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "prefixtuning.report", str(sweep), "--compare", "prefix=static"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "give KEY=VALUE with KEY one of the swept keys (lowres.sample, row)" in bad.stderr
+
+
+def test_how_a_command_ran_is_not_a_swept_setting():
+    from pathlib import Path
+
+    from prefixtuning.report import Job, swept_keys
+
+    # a sweep re-run with sweep_resume=true (jobs that had stopped) holds the same cells as the first run
+    jobs = [Job(Path("0"), {"row": "prefix_static", "lowres.sample": "1"}),
+            Job(Path("1"), {"row": "ft", "lowres.sample": "1", "sweep_resume": "true"}),
+            Job(Path("2"), {"row": "ft", "lowres.sample": "2", "ckpt_path": "last"})]
+    assert swept_keys(jobs) == ["lowres.sample", "row"]

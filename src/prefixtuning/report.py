@@ -115,9 +115,14 @@ def find_jobs(paths: list[Path]) -> list[Job]:
     return jobs
 
 
+# how a command ran, not what it trained: a sweep re-run with sweep_resume=true is the same cells
+OPERATIONAL = ("sweep_resume", "ckpt_path", "resume_allow_changes")
+
+
 def swept_keys(jobs: list[Job]) -> list[str]:
     keys = sorted({k for j in jobs for k in j.overrides})
-    return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1 and not k.startswith("hydra.")]
+    return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1 and not k.startswith("hydra.")
+            and k not in OPERATIONAL]
 
 
 def group(jobs: list[Job], keys: list[str]) -> list[dict]:
