@@ -193,10 +193,10 @@ def test_every_replay_row_takes_the_replay_settings(tmp_path, experiment, row):
     name = "replay_nlu" if "nlu" in experiment else "replay"
     assert (cfg.recipe.name, cfg.recipe.row) == (name, row)
     recipe = file_settings(CONF / "recipe_row" / name / f"{row}.yaml")
+    per_size = f"{row}_{OmegaConf.select(cfg, 'lowres.size')}"
     for key, value in recipe.items():
         if value == "${recipe.lrs.${data.name}}":  # the NLU replays: the lr chosen for the run's task
             value = cfg.recipe.lrs[cfg.data.name]
-        per_size = f"{row}_{OmegaConf.select(cfg, 'lowres.size')}"
         if key == "optim.lr" and per_size in (OmegaConf.select(cfg, "recipe.lrs") or {}):
             value = cfg.recipe.lrs[per_size]  # replay_lowdata: the lr chosen on dev at the run's training size
         assert OmegaConf.select(cfg, key) == value, key

@@ -31,17 +31,17 @@ def table(title: str) -> tuple[list[str], dict[str, list[str]]]:
     return head, rows
 
 
-def x100(v: str, scale: float = 100) -> str:
-    return f"{float(v) * scale:+.1f}"
+def x100(v: str) -> str:
+    return f"{float(v) * 100:+.1f}"
 
 
-def check_cell(cell: str, t: dict, where: str, scale: float = 100) -> None:
+def check_cell(cell: str, t: dict, where: str) -> None:
     """A README difference cell against its significance.csv row (BLEU on a 0-1 scale shown x 100)."""
     m = CELL.match(cell)
     assert m, f"{where}: {cell!r} is not in the table's format"
     plus, minus, _ = t["signs"].split("/")
-    assert m["delta"] == x100(t["delta"], scale), where
-    assert (m["low"], m["high"]) == (x100(t["low"], scale), x100(t["high"], scale)), where
+    assert m["delta"] == x100(t["delta"]), where
+    assert (m["low"], m["high"]) == (x100(t["low"]), x100(t["high"])), where
     assert m["p"] == f"{float(t['p_bootstrap']):.3f}" and m["p_pairs"] == f"{float(t['p_pairs']):.3f}", where
     assert (m["plus"], m["minus"]) == (plus, minus), where
     assert m["verdict"] == t["verdict"], f"{where}: the README says {m['verdict']!r}"
