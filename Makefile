@@ -69,7 +69,7 @@ bench: venv
 # The CPU replays of the paper's findings (README "Results"), one after another: each runs its Hydra multirun
 # (checkpoints and logs under $(REPLAY_OUT)/<name>/<time>), then its report is copied to results/replay/<name>/
 # with the wall time. replay_lr first: it re-measures the dev-loss table the row files' learning rates come from.
-REPLAYS ?= replay_lr replay_lowdata replay_init replay_length replay_apt replay_memory replay_extrapolation replay_apt_nlu_lr replay_apt_nlu
+REPLAYS ?= replay_lr replay_lowdata replay_init replay_length replay_reparam replay_apt replay_memory replay_extrapolation replay_apt_nlu_lr replay_apt_nlu
 REPLAY_OUT ?= logs/replay
 
 replay: venv

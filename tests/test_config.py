@@ -222,6 +222,18 @@ def test_low_data_takes_the_lr_chosen_at_each_training_size(tmp_path, row):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_every_per_size_lr_table_agrees_with_the_one_chosen_on_dev(tmp_path):
+    """A study that reuses a per-size lr (replay_init at 50 pairs) takes the value replay_lowdata chose on dev, for
+    every init it sweeps; the two tables cannot drift apart."""
+    chosen = OmegaConf.load(CONF / "experiment" / "replay_lowdata.yaml").recipe.lrs
+    table = OmegaConf.load(CONF / "experiment" / "replay_init.yaml").recipe.lrs
+    assert table and all(table[k] == chosen[k] for k in table), (dict(table), dict(chosen))
+    for init in swept("replay_init", "init"):
+        cfg = compose_cfg(["experiment=replay_init", f"init={init}"], tmp_path)
+        check_train_config(cfg)
+        assert (cfg.init.kind, cfg.optim.lr) == (init, chosen["prefix_static_50"])
+
+
 def test_a_replay_row_without_replay_settings_is_refused_before_any_work(tmp_path):
     run = subprocess.run([sys.executable, "train.py", "experiment=replay_apt", "row=emb", "hydra.mode=RUN",
                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True)

@@ -21,7 +21,7 @@ SMOKE = ["backbone=tiny-gpt2", "trainer.max_steps=2", "trainer.val_check_interva
          "decoding.max_new_tokens=6", "decoding.min_new_tokens=1", "lowres.size=20"]
 # the figure (or other file) each study must produce in its report folder
 FIGURES = {"replay_lowdata": ["lowdata.png"], "replay_init": ["init.png"], "replay_length": ["prefix_length.png"],
-           "replay_apt": ["gates_*.png"], "replay_extrapolation": [], "replay_lr": [],
+           "replay_apt": ["gates_*.png"], "replay_reparam": [], "replay_extrapolation": [], "replay_lr": [],
            "replay_apt_nlu": ["gates_*.png", "significance.md"], "replay_apt_nlu_lr": [],
            "replay_memory": ["significance.md"]}
 # the NLU replays: tiny BERT on the constructed samples of the official formats (every swept task)
@@ -30,7 +30,8 @@ NLU_SMOKE = ["backbone=tiny-bert", "trainer.max_steps=2", "trainer.val_check_int
 # fewer replicates than the real study where its sweep is large (the swept dimension itself is kept)
 # (one data sample each: mean ± std over replicates is covered by tests/test_report.py)
 FEWER = {"replay_lr": ["optim.lr_scale=0.333,3.0"], "replay_apt_nlu": ["seed=0"], "replay_apt_nlu_lr": ["optim.lr_scale=3.0"], **{name: ["lowres.sample=0"] for name in
-         ("replay_lowdata", "replay_apt", "replay_extrapolation", "replay_init", "replay_length", "replay_memory")}}
+         ("replay_lowdata", "replay_apt", "replay_reparam", "replay_extrapolation", "replay_init", "replay_length",
+          "replay_memory")}}
 
 
 def sweep_params(name: str, extra: list[str]) -> dict[str, list[str]]:
