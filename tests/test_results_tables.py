@@ -88,3 +88,62 @@ def test_the_low_data_table_equals_the_stored_report():
         t = [x for x in tests if x["row"] == "ft" and x["lowres.size"] == size]
         assert len(t) == 1, f"{name}: {len(t)} comparisons in {LOWDATA / 'significance.csv'}"
         check_cell(rows["FT - PREFIX"][col], t[0], f"FT - PREFIX / {name}")
+
+
+# docs/results.md quotes the paired tests of each study: a table after `<!-- significance: results/replay/<study> -->`
+# holds rows of that study's significance.md, verbatim (either of its two tables), never retyped
+RESULTS = ROOT / "docs" / "results.md"
+MARKER = re.compile(r"^<!-- significance: (?P<folder>\S+) -->$")
+
+
+def quoted_tables(text: str) -> list[tuple[str, int, list[str]]]:
+    """Each marked table of a markdown text: the folder it quotes, the marker's line number, its lines."""
+    lines, out = text.splitlines(), []
+    for i, line in enumerate(lines):
+        m = MARKER.match(line.strip())
+        if m:
+            rows = []
+            for row in lines[i + 1:]:
+                if not row.startswith("|"):
+                    if rows:
+                        break
+                    continue
+                rows.append(row)
+            out.append((m["folder"], i + 1, rows))
+    return out
+
+
+def quote_errors(text: str, where: str = "docs/results.md") -> list[str]:
+    """What in a text's marked tables is not in the stored significance.md it names."""
+    errors = []
+    for folder, line, rows in quoted_tables(text):
+        stored = (ROOT / folder / "significance.md").read_text().splitlines()
+        if len(rows) < 3:
+            errors.append(f"{where}:{line}: no table after the marker")
+            continue
+        if rows[0] not in stored or rows[1] not in stored:
+            errors.append(f"{where}:{line}: not a header of {folder}/significance.md")
+        errors += [f"{where}:{line}: {row!r} is not a row of {folder}/significance.md" for row in rows[2:]
+                   if row not in stored]
+    return errors
+
+
+def test_the_quoted_significance_tables_equal_the_stored_reports():
+    text = RESULTS.read_text()
+    assert len(quoted_tables(text)) >= 4, "docs/results.md quotes fewer studies' paired tests than it did"
+    assert quote_errors(text) == []
+
+
+def test_a_retyped_row_is_caught():
+    """The check fails on a quoted row whose verdict was edited by hand, naming the marker's line."""
+    folder = "results/replay/replay_lowdata"
+    stored = (ROOT / folder / "significance.md").read_text().splitlines()
+    head = next(i for i, line in enumerate(stored) if line.startswith("| row |"))
+    row = stored[head + 2]
+    edited = row.replace("differs (p < 0.05)", "not separable") if "differs" in row else row.replace(
+        "not separable", "differs (p < 0.05)")
+    assert edited != row
+    text = "\n".join(["intro", f"<!-- significance: {folder} -->", "", *stored[head:head + 2], row, ""])
+    assert quote_errors(text) == []
+    errors = quote_errors(text.replace(row, edited))
+    assert errors == [f"docs/results.md:2: {edited!r} is not a row of {folder}/significance.md"]
