@@ -55,6 +55,8 @@ def test_replay_multirun_and_report(tmp_path, name):
     # 3 test inputs; the extrapolation study keeps its own subset (every 9th: 6 of the sample's 48, 3 unseen)
     swept_here = set(sweep_params(name, []))
     smoke = [o for o in SMOKE if o.split("=", 1)[0] not in swept_here]  # the study's own sweep is kept
+    if OmegaConf.select(OmegaConf.load(ROOT / "conf" / "experiment" / f"{name}.yaml"), "recipe.lrs"):
+        smoke = [o for o in smoke if not o.startswith("lowres.size=")]  # its lr table is per training size
     extra = [f"data={data}", *smoke, *FEWER.get(name, [])] + ([] if name == "replay_extrapolation" else
                                                                ["test_max_inputs=3"])
     if name.startswith("replay_apt_nlu"):
