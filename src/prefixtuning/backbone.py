@@ -278,10 +278,10 @@ class Backbone(nn.Module):
         else:
             n = len(quantized_modules(model))
             if backend == "bitsandbytes":
+                if not n:
+                    raise QuantizationError(f"backbone.quantization={quantization}: bitsandbytes quantized no "
+                                            f"projection of {name_or_path}")
                 keep_differentiable(model)  # no inference-only CPU kernel: gradients must reach the prefix
-            if backend == "bitsandbytes" and not n:
-                raise QuantizationError(f"backbone.quantization={quantization}: bitsandbytes quantized no projection "
-                                        f"of {name_or_path}")
         backbone = cls(model, tokenizer, name_or_path)
         backbone.quantization = quantization
         backbone.quantization_backend = backend

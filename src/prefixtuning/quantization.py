@@ -92,19 +92,16 @@ def quantized_modules(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if getattr(m, "weight", None) is not None and is_quantized(m.weight)]
 
 
-def keep_differentiable(model: nn.Module) -> int:
+def keep_differentiable(model: nn.Module) -> None:
     """bitsandbytes 0.50 on a CPU with AVX512-BF16: a Linear4bit in eval mode whose input does not require grad
     (q/k/v under a frozen backbone, where only the prefix trains) converts its weight, once and for good, to a
     packed inference layout whose kernel has no backward; every later call, also with an input that does require
     grad (o_proj after a prefixed attention), then passes no gradient, and the prefix would silently not train.
     Turning that conversion off keeps every call on the differentiable NF4 matmul (the same numbers; slower
-    inference on such CPUs). Returns the number of projections changed."""
-    n = 0
+    inference on such CPUs)."""
     for m in model.modules():
         if getattr(m, "support_avx512bf16_for_cpu", False):
             m.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
 
 
 def targets(model: nn.Module) -> list[str]:

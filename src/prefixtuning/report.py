@@ -43,6 +43,7 @@ from omegaconf import OmegaConf
 
 from . import atomic
 from . import significance as S
+from .resume import HISTORY, OPERATIONAL
 
 REPLICATES = ("seed", "lowres.sample")
 # the task metric a figure plots, in order of preference
@@ -65,7 +66,7 @@ class Job:
 
 
 def _history(folder: Path) -> list[dict]:
-    f = folder / "history.jsonl"
+    f = folder / HISTORY
     out = []
     if f.is_file():
         for line in f.read_text().splitlines():
@@ -113,10 +114,6 @@ def find_jobs(paths: list[Path]) -> list[Job]:
                 job.status = f"unreadable metrics.json ({err})"
         jobs.append(job)
     return jobs
-
-
-# how a command ran, not what it trained: a sweep re-run with sweep_resume=true is the same cells
-OPERATIONAL = ("sweep_resume", "ckpt_path", "resume_allow_changes")
 
 
 def swept_keys(jobs: list[Job]) -> list[str]:

@@ -39,8 +39,11 @@ INTERRUPTED = "interrupted.json"  # written when a signal stopped the run; remov
 PARTIAL = ".metrics.partial.json"  # the metrics known before and after fit, for a resume that finishes the run
 HISTORY = "history.jsonl"  # one line per command that trained in this folder (the report marks re-runs)
 
+# how a command ran, not what it trains: a sweep re-run with sweep_resume=true holds the same cells (the report
+# does not count these as swept settings)
+OPERATIONAL = ("ckpt_path", "resume_allow_changes", "sweep_resume")
 # keys that may differ between the interrupted command and the resuming one
-IGNORED = ("ckpt_path", "resume_allow_changes", "sweep_resume", "paths", "hydra")
+IGNORED = (*OPERATIONAL, "paths", "hydra")
 
 
 class ResumeError(UserError, RuntimeError):
